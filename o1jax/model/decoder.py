@@ -1,0 +1,216 @@
+"""The decoder: one Flax module for the Llama, Mistral and Qwen2 families.
+
+Parameter names and shapes follow Hugging Face's (`kernel` is the transposed `weight`; the layers are stacked on a
+leading axis and scanned, so compile time does not grow with depth). Every parameter and the main activations carry
+logical axis names only; `o1jax.sharding` maps them to a mesh.
+
+Attention masks are built from cache *slots* (causality, sliding window, padding), RoPE from explicit *positions*,
+exactly as transformers does; so left- and right-padded batches, prefill and KV-cache decoding share one code path.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from o1jax.model.config import ModelConfig
+from o1jax.model.rope import apply_rotary, rotary_tables
+
+# Remat policies by name: what each layer keeps for the backward pass instead of recomputing it.
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only layer inputs
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # projections, not attention
+}
+
+BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer at fixed slots, and which slots hold a real token."""
+  k: jnp.ndarray  # [layers, B, S, kv_heads, head_dim]
+  v: jnp.ndarray  # [layers, B, S, kv_heads, head_dim]
+  valid: jnp.ndarray  # [B, S] bool
+  index: jnp.ndarray  # int32 scalar: the first free slot
+
+  @classmethod
+  def empty(cls, cfg: ModelConfig, batch: int, slots: int) -> KVCache:
+    shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
+    dtype = jnp.dtype(cfg.dtype)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool),
+               jnp.zeros((), jnp.int32))
+
+
+def _dense(features: int, axes: tuple[str, str], cfg: ModelConfig, name: str, bias: bool = False) -> nn.Dense:
+  return nn.Dense(
+      features, use_bias=bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    weight = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+                        jnp.dtype(self.cfg.param_dtype))
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+    dtype = jnp.dtype(self.cfg.dtype)
+    return weight.astype(dtype) * normed.astype(dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query attention with RoPE, reading and writing the layer's slice of the KV cache."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask, k_cache=None, v_cache=None, index=None):
+    cfg = self.cfg
+    b, t, _ = x.shape
+    heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = _dense(heads * hd, ("embed", "heads"), cfg, "q_proj", cfg.attention_bias)(x).reshape(b, t, heads, hd)
+    k = _dense(kv_heads * hd, ("embed", "kv_heads"), cfg, "k_proj", cfg.attention_bias)(x).reshape(b, t, kv_heads, hd)
+    v = _dense(kv_heads * hd, ("embed", "kv_heads"), cfg, "v_proj", cfg.attention_bias)(x).reshape(b, t, kv_heads, hd)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if k_cache is not None:
+      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+      k, v = k_cache, v_cache
+    groups = heads // kv_heads
+    q = q.reshape(b, t, kv_heads, groups, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * hd**-0.5
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, heads * hd)
+    # Llama's optional attention bias covers o_proj too; Qwen2's does not.
+    o_bias = cfg.attention_bias and cfg.family == "llama"
+    return _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj", o_bias)(out), k_cache, v_cache
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    gate = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "gate_proj")(x)
+    up = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "up_proj")(x)
+    hidden = nn.with_logical_constraint(nn.silu(gate) * up, (BATCH, LENGTH, "activation_mlp"))
+    return _dense(cfg.hidden_size, ("mlp", "embed"), cfg, "down_proj")(hidden)
+
+
+class DecoderLayer(nn.Module):
+  """One pre-norm block; a scan body: (x, k_cache, v_cache) is the carry, layer i reads and writes cache slice i."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, carry, cos, sin, mask, index):
+    x, k_all, v_all, layer = carry
+    k_cache = v_cache = None
+    if k_all is not None:
+      k_cache, v_cache = k_all[layer], v_all[layer]
+    h, k_cache, v_cache = Attention(self.cfg, name="self_attn")(
+        RMSNorm(self.cfg, name="input_layernorm")(x), cos, sin, mask, k_cache, v_cache, index)
+    x = x + h
+    x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attention_layernorm")(x))
+    x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+    if k_all is not None:
+      k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_cache, layer, 0)
+      v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_cache, layer, 0)
+    return (x, k_all, v_all, layer + 1), None
+
+
+def attention_mask(q_slots, k_slots, k_valid, sliding_window):
+  """Which keys each query sees: [B, 1, 1, T, S] bool (broadcast over kv heads and groups)."""
+  seen = (k_slots[None, :] <= q_slots[:, None])[None] & k_valid[:, None, :]
+  if sliding_window is not None:
+    seen &= (q_slots[:, None] - k_slots[None, :] < sliding_window)[None]
+  return seen[:, None, None]
+
+
+class Decoder(nn.Module):
+  """`__call__` gives final-norm hidden states (what `<emb>` pooling reads); `logits` applies the LM head."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed_tokens = nn.Embed(
+        cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+    layer = DecoderLayer
+    if cfg.remat_policy != "none":
+      if cfg.remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {cfg.remat_policy!r}; choose from {', '.join(REMAT_POLICIES)}")
+      layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    self.layers = nn.scan(
+        layer, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+    self.norm = RMSNorm(cfg)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = LMHead(cfg)
+
+  def __call__(self, input_ids, positions, attention_mask_, cache: KVCache | None = None):
+    """input_ids, positions, attention_mask_: [B, T]. With a cache, the tokens fill slots [index, index + T)
+    and the updated cache is returned as well."""
+    t = input_ids.shape[1]
+    x = nn.with_logical_constraint(self.embed_tokens(input_ids), (BATCH, LENGTH, EMBED))
+    cos, sin = rotary_tables(self.cfg, positions)
+    valid = attention_mask_.astype(bool)
+    if cache is None:
+      slots = jnp.arange(t)
+      mask = attention_mask(slots, slots, valid, self.cfg.sliding_window)
+      (x, _, _, _), _ = self.layers((x, None, None, jnp.int32(0)), cos, sin, mask, None)
+      return self.norm(x)
+    valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
+    q_slots = cache.index + jnp.arange(t)
+    mask = attention_mask(q_slots, jnp.arange(valid.shape[1]), valid, self.cfg.sliding_window)
+    (x, k, v, _), _ = self.layers((x, cache.k, cache.v, jnp.int32(0)), cos, sin, mask, cache.index)
+    return self.norm(x), KVCache(k, v, valid, cache.index + t)
+
+  def logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
+    """LM head, float32 logits [..., vocab]."""
+    if self.cfg.tie_word_embeddings:
+      return _project(hidden, self.embed_tokens.embedding.T, self.cfg)
+    return self.lm_head(hidden)
+
+  def forward_logits(self, input_ids, positions, attention_mask_):
+    """Hidden states and logits of one pass (also what creates every parameter at init)."""
+    hidden = self(input_ids, positions, attention_mask_)
+    return hidden, self.logits(hidden)
+
+
+def _project(hidden, kernel, cfg: ModelConfig):
+  # Compute dtype in, float32 accumulation and output: the loss and sampling need full-precision logits.
+  dtype = jnp.dtype(cfg.dtype)
+  return jnp.einsum("...d,dv->...v", hidden.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+
+
+class LMHead(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, hidden):
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
+                        (self.cfg.hidden_size, self.cfg.vocab_size), jnp.dtype(self.cfg.param_dtype))
+    return _project(hidden, kernel, self.cfg)
+
+
+def _init(cfg: ModelConfig, rng: jax.Array):
+  ids = jnp.zeros((1, 1), jnp.int32)
+  return Decoder(cfg).init(rng, ids, ids, jnp.ones_like(ids), method=Decoder.forward_logits)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
+  """Random parameters as a plain nested dict (logical-axis boxes removed)."""
+  return nn.unbox(_init(cfg, rng))["params"]
+
+
+def logical_axes(cfg: ModelConfig) -> dict:
+  """The parameter tree with a PartitionSpec of logical axis names at every leaf."""
+  return nn.get_partition_spec(jax.eval_shape(lambda: _init(cfg, jax.random.key(0))))["params"]
