@@ -64,7 +64,7 @@ def _open_text(path: PathLike) -> io.TextIOBase:
   return open(path, "rt", encoding="utf-8", newline="\n")
 
 
-def _lines(path: PathLike) -> Iterator[tuple[int, str]]:
+def read_lines(path: PathLike) -> Iterator[tuple[int, str]]:
   """(1-based line number, line without its end-of-line) for every non-blank line."""
   with _open_text(path) as f:
     for number, line in enumerate(f, start=1):
@@ -74,7 +74,7 @@ def _lines(path: PathLike) -> Iterator[tuple[int, str]]:
 
 
 def _json_records(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-  for number, line in _lines(path):
+  for number, line in read_lines(path):
     try:
       record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -144,7 +144,7 @@ def read_beir_queries(path: PathLike) -> dict[str, str]:
 def _qrels_rows(path: PathLike) -> Iterator[tuple[int, str, str, int]]:
   """(line, query id, doc id, grade) rows of a BEIR tsv (with header) or a TREC 4-column qrels file."""
   first = True
-  for number, line in _lines(path):
+  for number, line in read_lines(path):
     if first and line.split("\t")[0].strip().lower() in ("query-id", "query_id", "qid"):
       first = False
       continue  # the BEIR header
@@ -187,7 +187,7 @@ def read_trec_topics(path: PathLike) -> dict[str, str]:
   """TREC / Anserini topics: `qid<TAB>text` per line."""
   topics: dict[str, str] = {}
   seen: dict[str, int] = {}
-  for number, line in _lines(path):
+  for number, line in read_lines(path):
     query_id, tab, text = line.partition("\t")
     if not tab:
       raise DataFormatError(path, number, "columns", "expected 'qid<TAB>text'")
@@ -237,7 +237,7 @@ def load_beir(directory: PathLike, split: str, require_judged_docs: bool = True)
 
 def read_triples(path: PathLike) -> Iterator[Triple]:
   """MS MARCO training triples: `query<TAB>positive<TAB>negative` per line."""
-  for number, line in _lines(path):
+  for number, line in read_lines(path):
     columns = line.split("\t")
     if len(columns) != 3:
       raise DataFormatError(path, number, "columns", f"expected 3 tab-separated columns, got {len(columns)}")

@@ -1,0 +1,1 @@
+"""Retrieval evaluation: exact and ScaNN search, trec_eval metrics, run files, BM25 and sentence-encoder baselines."""
