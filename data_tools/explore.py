@@ -1,0 +1,84 @@
+"""Exploration prompts (METHOD §5): one prompt per candidate thought, keyed by query id.
+
+Each prompt is the task line, `num_examples` (query, positive passage) pairs drawn from OTHER training
+queries, re-drawn for every candidate, then the query. Draws and sampling seeds are functions of
+(seed, query id, candidate index) only, so a query gets the same prompts whatever shard, worker or batch
+it lands in, and a resumed run regenerates exactly what a killed one would have.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import dataclasses
+from typing import Protocol
+
+import numpy as np
+
+from data_tools.inputs import TrainQuery, stable_hash
+
+TASK_LINE = "Think about a plausible response to address the query."
+
+RequestKey = tuple[str, int]  # (query id, candidate index)
+
+
+@dataclasses.dataclass(frozen=True)
+class ThoughtRequest:
+  query_id: str
+  candidate: int
+  messages: tuple[Mapping[str, str], ...]  # OpenAI-style chat messages
+  seed: int  # sampling seed of this request, < 2**31
+
+  @property
+  def key(self) -> RequestKey:
+    return (self.query_id, self.candidate)
+
+
+class ExpertError(RuntimeError):
+  """An expert failed for one request; the message names the query id (and the endpoint for HTTP)."""
+
+
+class Expert(Protocol):
+  """Writes one thought per request. Results are keyed by (query id, candidate), never by position."""
+
+  def generate(self, requests: Sequence[ThoughtRequest]) -> dict[RequestKey, str]:
+    ...
+
+
+def _clip_words(text: str, max_words: int) -> str:
+  words = text.split()
+  return " ".join(words[:max_words]) + (" ..." if len(words) > max_words else "")
+
+
+class PromptBuilder:
+  """Builds the k exploration requests of a query from a pool of (query, positive) pairs."""
+
+  def __init__(self, pool: Sequence[TrainQuery], seed: int, num_examples: int = 3, example_max_words: int = 64):
+    self.pool = [(q.query_id, q.query, q.positives[0]) for q in pool if q.positives]
+    if len(self.pool) <= num_examples:
+      raise ValueError(f"need more than {num_examples} training pairs to draw in-context examples from, "
+                       f"got {len(self.pool)}")
+    self.seed, self.num_examples, self.example_max_words = seed, num_examples, example_max_words
+
+  def _examples(self, query_id: str, candidate: int) -> list[tuple[str, str]]:
+    rng = np.random.default_rng(stable_hash(self.seed, "examples", query_id, candidate))
+    drawn = rng.choice(len(self.pool), size=self.num_examples + 1, replace=False)
+    others = [self.pool[i] for i in drawn if self.pool[i][0] != query_id][:self.num_examples]
+    return [(query, _clip_words(positive, self.example_max_words)) for _, query, positive in others]
+
+  def messages(self, query: str, examples: Sequence[tuple[str, str]]) -> tuple[Mapping[str, str], ...]:
+    shots = "\n\n".join(f"Query: {q}\nResponse: {p}" for q, p in examples)
+    return ({"role": "user", "content": f"{TASK_LINE}\n\n{shots}\n\nQuery: {query}\nResponse:"},)
+
+  def requests(self, query: TrainQuery, k: int) -> list[ThoughtRequest]:
+    return [ThoughtRequest(query.query_id, c, self.messages(query.query, self._examples(query.query_id, c)),
+                           stable_hash(self.seed, "sample", query.query_id, c) % 2**31) for c in range(k)]
+
+
+def explore(expert: Expert, builder: PromptBuilder, queries: Sequence[TrainQuery], k: int) -> dict[str, list[str]]:
+  """k candidate thoughts per query id; checks the expert answered every request and nothing else."""
+  requests = [r for q in queries for r in builder.requests(q, k)]
+  answers = expert.generate(requests)
+  missing = [r.key for r in requests if r.key not in answers]
+  extra = set(answers) - {r.key for r in requests}
+  if missing or extra:
+    raise ExpertError(f"expert answers do not match requests: missing {missing[:5]}, unexpected {sorted(extra)[:5]}")
+  return {q.query_id: [answers[(q.query_id, c)].strip() for c in range(k)] for q in queries}
