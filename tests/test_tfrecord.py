@@ -1,4 +1,5 @@
 """TFRecord framing and tf.train.Example coding, checked against TensorFlow's own reader and writer."""
+import hashlib
 import pathlib
 
 import numpy as np
@@ -20,6 +21,7 @@ def _write(path: pathlib.Path, examples=EXAMPLES) -> pathlib.Path:
   with tfrecord.TFRecordWriter(path) as w:
     for ex in examples:
       w.write_example(ex)
+  assert w.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
   return path
 
 

@@ -9,6 +9,7 @@ The Example protos come from tensorflow-datasets' bundled copy of `tf.train.Exam
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+import hashlib
 import os
 import pathlib
 import struct
@@ -60,10 +61,18 @@ class TFRecordWriter:
     self.tmp_path = self.path.with_name(self.path.name + ".tmp")
     self._file = open(self.tmp_path, "wb")
     self.num_records = 0
+    self._sha256 = hashlib.sha256()
 
   def write(self, data: bytes) -> None:
-    self._file.write(frame_record(data))
+    framed = frame_record(data)
+    self._file.write(framed)
+    self._sha256.update(framed)
     self.num_records += 1
+
+  @property
+  def sha256(self) -> str:
+    """Hex SHA-256 of the bytes written so far (the whole file once done), for manifests."""
+    return self._sha256.hexdigest()
 
   def write_example(self, features: Mapping[str, FeatureValue]) -> None:
     self.write(encode_example(features))
