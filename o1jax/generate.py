@@ -1,0 +1,119 @@
+"""Batched generation for thoughts: one jitted prefill + KV-cache decode loop.
+
+Prompts are left-padded into shape buckets (batch and prompt length rounded up to powers of two), so a new call
+compiles only when it lands in a new bucket. Output is token ids: callers append ids (EOS, `<emb>`) and never
+decode and re-tokenize.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from o1jax.model import Decoder, KVCache, ModelConfig
+
+MIN_PROMPT_BUCKET = 16
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+  """The smallest power of two >= max(n, minimum)."""
+  return 1 << (max(n, minimum) - 1).bit_length()
+
+
+def sample_token(logits: jnp.ndarray, key: jax.Array, temperature, top_p) -> jnp.ndarray:
+  """Samples from softmax(logits / temperature) restricted to the smallest set of tokens with mass >= top_p."""
+  logits = logits.astype(jnp.float32) / temperature
+  sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+  sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+  # A token stays when the mass strictly before it is below top_p; the most likely token always stays.
+  keep = (jnp.cumsum(sorted_probs, axis=-1) - sorted_probs) < top_p
+  threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy"))
+def generate_padded(params, prompt_ids, prompt_mask, rng, temperature, top_p, eos_ids, pad_id, *,
+                    cfg: ModelConfig, max_new_tokens: int, greedy: bool):
+  """Generates from left-padded prompts [B, P].
+
+  Returns tokens [B, max_new_tokens] (pad after a row's EOS) and lengths [B] (new tokens up to and including EOS).
+  """
+  model = Decoder(cfg)
+  batch, prompt_len = prompt_ids.shape
+  positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
+  cache = KVCache.empty(cfg, batch, prompt_len + max_new_tokens)
+  hidden, cache = model.apply({"params": params}, prompt_ids, positions, prompt_mask, cache)
+
+  def next_token(hidden_last, step):
+    logits = model.apply({"params": params}, hidden_last, method=Decoder.logits)
+    if greedy:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return sample_token(logits, jax.random.fold_in(rng, step), temperature, top_p)
+
+  first = next_token(hidden[:, -1], 0)
+  tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+  done = jnp.isin(first, eos_ids)
+  lengths = jnp.ones((batch,), jnp.int32)
+  state = (jnp.int32(1), first, positions[:, -1] + 1, done, tokens, lengths, cache)
+
+  def cond(state):
+    step, _, _, done, *_ = state
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    step, token, position, done, tokens, lengths, cache = state
+    hidden, cache = model.apply({"params": params}, token[:, None], position[:, None],
+                                jnp.ones((batch, 1), jnp.int32), cache)
+    token = jnp.where(done, pad_id, next_token(hidden[:, -1], step))
+    tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, step, axis=1)
+    lengths = lengths + (~done).astype(jnp.int32)
+    done = done | jnp.isin(token, eos_ids)
+    return step + 1, token, position + 1, done, tokens, lengths, cache
+
+  _, _, _, _, tokens, lengths, _ = jax.lax.while_loop(cond, body, state)
+  return tokens, lengths
+
+
+class Generator:
+  """Generates continuations of token-id prompts with a fixed model.
+
+  eos_ids defaults to the model's EOS ids; chat experts usually add their end-of-turn token.
+  """
+
+  def __init__(self, cfg: ModelConfig, params, *, eos_ids: Sequence[int] | None = None, pad_id: int | None = None):
+    self.cfg, self.params = cfg, params
+    self.eos_ids = tuple(eos_ids) if eos_ids is not None else cfg.eos_token_ids
+    if not self.eos_ids:
+      raise ValueError("no EOS token id: the model config has none and eos_ids was not given")
+    self.pad_id = pad_id if pad_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None
+                                                     else self.eos_ids[0])
+
+  def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+               top_p: float = 1.0, rng: jax.Array | None = None) -> list[list[int]]:
+    """New token ids for each prompt, ending with EOS when one was produced. temperature 0 is greedy."""
+    if not prompts:
+      return []
+    if any(len(p) == 0 for p in prompts):
+      raise ValueError("empty prompt: every prompt needs at least one token (e.g. BOS)")
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    greedy = temperature == 0.0
+    if not greedy and rng is None:
+      raise ValueError("sampling (temperature > 0) needs an explicit PRNG key: rng=jax.random.key(seed)")
+    batch, length = bucket(len(prompts)), bucket(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
+    ids = np.full((batch, length), self.pad_id, np.int32)
+    mask = np.zeros((batch, length), np.int32)
+    for row, prompt in enumerate(prompts):
+      ids[row, length - len(prompt):] = prompt
+      mask[row, length - len(prompt):] = 1
+    mask[len(prompts):, -1] = 1  # filler rows: one token, so they stay well defined
+    tokens, lengths = generate_padded(
+        self.params, ids, mask, rng if rng is not None else jax.random.key(0), jnp.float32(max(temperature, 1e-6)),
+        jnp.float32(top_p), jnp.asarray(self.eos_ids, jnp.int32), jnp.int32(self.pad_id), cfg=self.cfg,
+        max_new_tokens=max_new_tokens, greedy=greedy)
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    return [tokens[row, :lengths[row]].tolist() for row in range(len(prompts))]
