@@ -57,7 +57,7 @@ def padded_batch(side: str, vocab: int, seed: int = 0):
 def torch_logits(model, ids, mask, positions) -> np.ndarray:
   with torch.no_grad():
     return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                 position_ids=torch.tensor(positions)).logits.numpy()
+                 position_ids=torch.tensor(positions)).logits.float().numpy()
 
 
 def _logits(model, params, ids, positions, mask):
