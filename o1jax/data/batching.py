@@ -1,0 +1,192 @@
+"""Training records -> fixed-shape host batches of the shared contract (this process's rows only).
+
+A record is a mapping {query_id, query, thought, positives, negatives[, positive_scores, negative_scores]}.
+Batch `i` is a pure function of (records, spec, i): epoch e = i // steps_per_epoch takes a permutation seeded by
+(seed, e), and each example draws its positive, its negatives and its thought drop from an RNG seeded by
+(seed, e, record index). So the data position is one integer, resume continues at the exact same example, and
+the global batch does not depend on how many processes share it.
+
+Output (numpy, right-padded, templates of `o1jax.templates`):
+  query_ids, query_mask, query_loss_mask  int32 [q, Lq]      q = batch_queries / process_count
+  doc_ids, doc_mask                       int32 [q*G, Ld]    row i*G is query i's positive, then its negatives
+  teacher_scores                          float32 [q, G]     only when spec.teacher_scores
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+import dataclasses
+import glob
+import queue
+import threading
+from typing import Any
+
+import numpy as np
+
+from o1jax import templates
+from o1jax.data import tfrecord
+from o1jax.tokenizer import SpecialIds
+
+Record = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+  batch_queries: int  # global Q
+  group_size: int  # G = 1 positive + G-1 negatives
+  lengths: templates.Lengths
+  thought_drop: float = 0.1
+  seed: int = 0
+  teacher_scores: bool = False
+
+
+class RecordError(ValueError):
+  """A training record that cannot be batched; names the record index, its query id and the field."""
+
+  def __init__(self, index: int, record: Record, field: str, problem: str):
+    qid = record.get("query_id", "?") if isinstance(record, Mapping) else "?"
+    super().__init__(f"record {index} (query_id {qid!r}): field {field!r}: {problem}")
+
+
+def _texts(index: int, record: Record, field: str, allow_empty: bool) -> list[str]:
+  value = record.get(field)
+  if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+    raise RecordError(index, record, field, f"expected a list of strings, got {type(value).__name__}")
+  if not value and not allow_empty:
+    raise RecordError(index, record, field, "is empty")
+  return list(value)
+
+
+def _scores(index: int, record: Record, field: str, count: int) -> np.ndarray:
+  value = np.asarray(record.get(field, ()), np.float32)
+  if value.shape != (count,):
+    raise RecordError(index, record, field, f"expected {count} teacher scores, got shape {value.shape}")
+  return value
+
+
+class Batcher:
+  """Random access to the global batches of a record collection; `batch(i)` gives this process's rows."""
+
+  def __init__(self, records: Sequence[Record], tokenizer: Any, special: SpecialIds, spec: BatchSpec,
+               process_index: int = 0, process_count: int = 1):
+    if spec.group_size < 2:
+      raise ValueError(f"group_size={spec.group_size}: need a positive and at least one negative")
+    if spec.batch_queries % process_count:
+      raise ValueError(f"batch_queries={spec.batch_queries} is not divisible by {process_count} processes")
+    if len(records) < spec.batch_queries:
+      raise ValueError(f"{len(records)} records cannot fill one batch of {spec.batch_queries} queries")
+    self.records, self.tokenizer, self.special, self.spec = records, tokenizer, special, spec
+    self.local_queries = spec.batch_queries // process_count
+    self.first_query = process_index * self.local_queries
+    self.steps_per_epoch = len(records) // spec.batch_queries  # the remainder of each epoch is dropped
+
+  def _tokenize(self, texts: list[str]) -> list[list[int]]:
+    # BOS comes from the templates, never from the tokenizer.
+    return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+  def _example(self, epoch: int, index: int) -> tuple[str, str, list[str], np.ndarray | None]:
+    """(query, thought or '', G documents, teacher scores or None) of record `index` in `epoch`."""
+    record = self.records[index]
+    if not isinstance(record, Mapping):
+      raise RecordError(index, {}, "record", f"expected a mapping, got {type(record).__name__}")
+    query, thought = record.get("query"), record.get("thought", "")
+    if not isinstance(query, str) or not query:
+      raise RecordError(index, record, "query", "expected a non-empty string")
+    if not isinstance(thought, str):
+      raise RecordError(index, record, "thought", f"expected a string, got {type(thought).__name__}")
+    positives = _texts(index, record, "positives", allow_empty=False)
+    negatives = _texts(index, record, "negatives", allow_empty=False)
+    rng = np.random.default_rng([self.spec.seed, epoch, index])
+    if rng.random() < self.spec.thought_drop:
+      thought = ""
+    pos = int(rng.integers(len(positives)))
+    need = self.spec.group_size - 1
+    if len(negatives) >= need:
+      neg = rng.choice(len(negatives), need, replace=False)
+    else:  # too few: cycle through a shuffled order
+      neg = np.resize(rng.permutation(len(negatives)), need)
+    docs = [positives[pos]] + [negatives[n] for n in neg]
+    scores = None
+    if self.spec.teacher_scores:
+      pos_scores = _scores(index, record, "positive_scores", len(positives))
+      neg_scores = _scores(index, record, "negative_scores", len(negatives))
+      scores = np.concatenate([pos_scores[[pos]], neg_scores[neg]])
+    return query, thought, docs, scores
+
+  def batch(self, i: int) -> dict[str, np.ndarray]:
+    spec, special = self.spec, self.special
+    epoch, within = divmod(i, self.steps_per_epoch)
+    order = np.random.default_rng([spec.seed, epoch]).permutation(len(self.records))
+    start = within * spec.batch_queries + self.first_query
+    examples = [self._example(epoch, int(r)) for r in order[start:start + self.local_queries]]
+    queries = self._tokenize([e[0] for e in examples])
+    thoughts = self._tokenize([e[1] for e in examples])
+    docs = self._tokenize([d for e in examples for d in e[2]])
+    seqs, loss_masks = zip(*(templates.query_sequence(q, t, special, spec.lengths) for q, t in zip(queries, thoughts)))
+    query_ids, query_mask = templates.pad_right(seqs, spec.lengths.query_thought, special.pad)
+    loss_mask, _ = templates.pad_right(loss_masks, spec.lengths.query_thought, 0)
+    doc_seqs = [templates.document_sequence(d, special, spec.lengths.doc) for d in docs]
+    doc_ids, doc_mask = templates.pad_right(doc_seqs, spec.lengths.doc, special.pad)
+    out = {"query_ids": query_ids, "query_mask": query_mask, "query_loss_mask": loss_mask,
+           "doc_ids": doc_ids, "doc_mask": doc_mask}
+    if spec.teacher_scores:
+      out["teacher_scores"] = np.stack([e[3] for e in examples])
+    return out
+
+
+class Prefetcher:
+  """Iterates `batcher.batch(start), batch(start+1), ...`, computed `depth` ahead on a background thread."""
+
+  def __init__(self, batcher: Batcher, start: int, depth: int = 2):
+    self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._fill, args=(batcher, start), daemon=True)
+    self._thread.start()
+
+  def _fill(self, batcher: Batcher, i: int) -> None:
+    while not self._stop.is_set():
+      try:
+        item = (batcher.batch(i), None)
+      except Exception as e:  # handed to the consumer, which re-raises it with its traceback
+        item = (None, e)
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if item[1] is not None:
+        return
+      i += 1
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch, error = self._queue.get()
+    if error is not None:
+      raise error
+    return batch
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join()
+
+
+def read_tfrecord_records(patterns: Sequence[str]) -> list[dict[str, Any]]:
+  """Committee-refined TFRecord shards (layout of `data_tools.record`) as batcher records, files in sorted order.
+
+  Only the fields training needs are kept; a record lacking one raises an error naming the file and record.
+  """
+  files = sorted({f for p in patterns for f in glob.glob(p)})
+  if not files:
+    raise FileNotFoundError(f"no TFRecord files match {list(patterns)}")
+  records = []
+  for path in files:
+    for n, features in enumerate(tfrecord.read_examples(path)):
+      for key in ("query_id", "query", "positives"):
+        if not features.get(key):
+          raise ValueError(f"{path}: record {n}: missing feature {key!r}")
+      record = {key: tfrecord.feature_text(features, key) for key in ("positives", "negatives")}
+      record.update({key: (tfrecord.feature_text(features, key) or [""])[0] for key in ("query_id", "query", "thought")})
+      records.append(record)
+  return records
