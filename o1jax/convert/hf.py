@@ -37,7 +37,9 @@ def read_config(model_dir: str | os.PathLike, **runtime) -> ModelConfig:
     raise ConversionError(f"{path}: cannot read the model config: {e}") from e
   try:
     return ModelConfig.from_hf_dict(hf, **runtime)
-  except (KeyError, ValueError) as e:
+  except KeyError as e:
+    raise ConversionError(f"{path}: required field {e} is missing") from e
+  except ValueError as e:
     raise ConversionError(f"{path}: {e}") from e
 
 
@@ -120,6 +122,8 @@ def _write_weights(cfg: ModelConfig, params: Params, out: pathlib.Path, max_shar
   for name, shard in zip(names, shards):
     tensors = {e.hf_name: _host_tensor(params, e, dtype) for e in shard}
     safetensors.numpy.save_file(tensors, str(out / name), metadata={"format": "pt"})
+    # safetensors creates its files owner-only; the rest of the export is world-readable like save_pretrained's.
+    (out / name).chmod(0o644)
     weight_map.update({e.hf_name: name for e in shard})
     del tensors
   if len(shards) > 1:
