@@ -1,0 +1,84 @@
+"""The synthesized training record and its `tf.train.Example` layout.
+
+Features (bytes lists are UTF-8 text):
+  query_id, query, thought          bytes [1]       thought = thoughts[chosen], the behavior-cloning target
+  thoughts                          bytes [k]       every candidate, in candidate order
+  positives, negatives              bytes [P], [N]  passages (`{title} {text}` for BEIR)
+  positive_ids, negative_ids        bytes [P], [N]  corpus ids when known (empty otherwise)
+  committee_members                 bytes [M]       member names
+  committee_weights                 float [M]
+  committee_scores                  float [M * k]   row-major [member, candidate] raw scores
+  vote                              bytes [1]       "soft" or "hard"
+  vote_totals                       float [k]       what the vote maximized
+  chosen                            int64 [1]
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+
+import numpy as np
+
+from o1jax.data import tfrecord
+
+
+@dataclasses.dataclass(frozen=True)
+class ThoughtRecord:
+  query_id: str
+  query: str
+  thoughts: tuple[str, ...]
+  chosen: int
+  positives: tuple[str, ...]
+  negatives: tuple[str, ...]
+  positive_ids: tuple[str, ...]
+  negative_ids: tuple[str, ...]
+  committee_members: tuple[str, ...]
+  committee_weights: np.ndarray  # [M]
+  committee_scores: np.ndarray  # [M, k]
+  vote: str
+  vote_totals: np.ndarray  # [k]
+
+  @property
+  def thought(self) -> str:
+    return self.thoughts[self.chosen]
+
+  def to_example(self) -> bytes:
+    return tfrecord.encode_example({
+        "query_id": [self.query_id], "query": [self.query], "thought": [self.thought],
+        "thoughts": list(self.thoughts), "positives": list(self.positives), "negatives": list(self.negatives),
+        "positive_ids": list(self.positive_ids), "negative_ids": list(self.negative_ids),
+        "committee_members": list(self.committee_members),
+        "committee_weights": np.asarray(self.committee_weights, np.float32),
+        "committee_scores": np.asarray(self.committee_scores, np.float32).ravel(),
+        "vote": [self.vote], "vote_totals": np.asarray(self.vote_totals, np.float32), "chosen": [self.chosen]})
+
+
+def from_features(features: Mapping[str, tfrecord.DecodedFeature]) -> ThoughtRecord:
+  """Inverse of `ThoughtRecord.to_example` after `tfrecord.decode_example`; checks the layout."""
+
+  def text(key: str) -> tuple[str, ...]:
+    return tuple(tfrecord.feature_text(features, key))
+
+  def floats(key: str) -> np.ndarray:
+    return np.asarray(features.get(key, []), np.float32)
+
+  thoughts, members = text("thoughts"), text("committee_members")
+  chosen = int(np.asarray(features["chosen"])[0])
+  scores = floats("committee_scores")
+  if scores.size != len(members) * len(thoughts) or not 0 <= chosen < len(thoughts):
+    raise ValueError(f"query {text('query_id')}: inconsistent record ({len(members)} members, {len(thoughts)} "
+                     f"thoughts, {scores.size} scores, chosen {chosen})")
+  record = ThoughtRecord(
+      query_id=text("query_id")[0], query=text("query")[0], thoughts=thoughts, chosen=chosen,
+      positives=text("positives"), negatives=text("negatives"), positive_ids=text("positive_ids"),
+      negative_ids=text("negative_ids"), committee_members=members, committee_weights=floats("committee_weights"),
+      committee_scores=scores.reshape(len(members), len(thoughts)), vote=text("vote")[0],
+      vote_totals=floats("vote_totals"))
+  if text("thought")[0] != record.thought:
+    raise ValueError(f"query {record.query_id!r}: thought is not thoughts[chosen]")
+  return record
+
+
+def read_shard(path: tfrecord.PathLike) -> list[ThoughtRecord]:
+  """Every record of a shard (CRCs verified)."""
+  return [from_features(features) for features in tfrecord.read_examples(path)]
