@@ -1,0 +1,291 @@
+"""Trainer configuration: the one config tree, `--config=file.py[:variant]` loading with overrides, validation.
+
+A config file defines `get_config(arg=None)` returning `base_config()` with its values set; `arg` is the text after
+`:` in `--config=configs/x.py:variant`. Overrides `--config.a.b=v` are typed by the field they replace; configs
+are locked, so a misspelt key is an error. `validate` then checks every value against the tree, the mesh and the
+templates before anything is compiled, and reports every problem at once, each naming its key.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+import glob
+import math
+import os
+
+from absl import flags
+import ml_collections
+from ml_collections import config_flags
+
+from o1jax.data.synthetic import SyntheticSpec
+from o1jax.model import REMAT_POLICIES, ModelConfig
+from o1jax.model.config import DTYPES
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# [BOS] <query> q </query> <thought> t EOS <emb> around a query of `lengths.query` tokens and a 1-token thought.
+QUERY_TEMPLATE_TOKENS = 7
+DOC_TEMPLATE_TOKENS = 3  # [BOS] text <emb> with a 1-token text
+
+
+class ConfigError(ValueError):
+  """One or more invalid config values; the message has one line per problem, each naming its key."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key the trainer knows, with defaults (the reference recipe of METHOD §4 where it has one)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = dict(
+      source="random",  # 'random' | 'hf' (a Hugging Face directory) | 'gguf' (a GGUF file)
+      path="",
+      tokenizer="",  # for source 'random' on real data: an HF directory or GGUF file with the tokenizer
+      # Architecture for source 'random' and for shape-only compilation (ModelConfig fields; vocab_size 0 = the
+      # tokenizer's size). Ignored when weights are loaded: the checkpoint's own config is used.
+      arch=dict(family="llama", vocab_size=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
+                rope_scaling=None, max_position_embeddings=4096, sliding_window=None, attention_bias=False,
+                tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None),
+      dtype="float32",
+      param_dtype="float32",
+      remat_policy="none",
+  )
+  c.mesh = dict(data=1, fsdp=-1, tensor=1)
+  c.train = dict(
+      steps=1000,
+      batch_queries=64,
+      group_size=16,
+      lengths=dict(query=32, query_thought=256, doc=192),
+      tau=0.02,
+      # L = w_ctr * L_ctr + w_gen * L_gen on the global batch. The reference's lambda = 0.8 / 0.2 acts through
+      # PyTorch DDP gradient averaging as w_ctr = 0.8 / W on W ranks (METHOD §3).
+      w_ctr=0.8,
+      w_gen=0.2,
+      w_distill=0.0,
+      thought_drop=0.1,
+      grad_accum_steps=1,
+      gradcache_chunk=0,
+      finetune="lora",
+      lora=dict(rank=32, alpha=64.0, dropout=0.1, targets=LORA_TARGETS),
+      train_special_tokens=True,
+      train_embeddings=False,
+  )
+  c.optim = dict(lr=1e-4, warmup_frac=0.1, warmup="log", decay="linear", weight_decay=0.0, b1=0.9, b2=0.999,
+                 eps=1e-8, clip_norm=1.0)
+  c.data = dict(kind="synthetic", train_files=(), shuffle_seed=0,
+                synthetic={f.name: f.default for f in dataclasses.fields(SyntheticSpec)})
+  c.checkpoint = dict(dir="", every=100, keep=3, async_save=True)
+  c.log = dict(every=10, tensorboard_dir="")
+  return c
+
+
+def pod_recipe(arch: dict, variant: str | None) -> ml_collections.ConfigDict:
+  """The reference recipe of METHOD §4 for a 7B-class model on a pod: variant 'lora' (default) or 'full'.
+
+  bf16 compute, FSDP over every device, 64 queries x 16 passages globally, lengths 32/256/192, tau 0.02, AdamW
+  lr 1e-4 with 10% logarithmic warmup then linear decay, full remat. The user sets model.path and data.train_files.
+  """
+  if variant not in (None, "", "lora", "full"):
+    raise ValueError(f"unknown variant {variant!r}; expected 'lora' or 'full'")
+  c = base_config()
+  c.model.source = "hf"
+  c.model.arch.update(arch)
+  c.model.dtype = "bfloat16"
+  c.model.remat_policy = "full"
+  c.mesh.update(data=1, fsdp=-1, tensor=1)
+  c.train.update(steps=7800, batch_queries=64, group_size=16, tau=0.02, thought_drop=0.1)  # ~1 MS MARCO epoch
+  c.data.kind = "tfrecord"
+  c.checkpoint.update(every=500, keep=3)
+  if variant == "full":
+    # Master weights and Adam moments stay fp32 for full fine-tuning; LoRA keeps the frozen base in bf16.
+    c.model.param_dtype = "float32"
+    c.train.finetune = "full"
+    c.optim.lr = 1e-5
+  else:
+    c.model.param_dtype = "bfloat16"
+    c.train.finetune = "lora"
+  return c
+
+
+def load(argv: Sequence[str]) -> ml_collections.ConfigDict:
+  """The locked config of `--config=file.py[:variant]` and its `--config.a.b=v` overrides (not yet validated)."""
+  argv = ["o1jax.train", *argv]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=values, lock_config=True, sys_argv=argv)
+  if not any(a.startswith("--config=") for a in argv):
+    raise ConfigError("missing --config=path/to/config.py[:variant]")
+  try:
+    values(argv)
+    config = values.config
+    # A config file that fails to load gives a placeholder whose attribute access raises the load error.
+    if not isinstance(config, ml_collections.ConfigDict):
+      config.lock()
+    return config
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    raise ConfigError(f"bad command line {' '.join(argv[1:])}: {str(e).strip(chr(39))}") from e
+
+
+def mesh_shape(config: ml_collections.ConfigDict, device_count: int) -> dict[str, int]:
+  """Mesh axis sizes with the -1 axis resolved; ConfigError when they cannot use `device_count` devices."""
+  sizes = dict(config.mesh)
+  free = [k for k, v in sizes.items() if v == -1]
+  bad = [k for k, v in sizes.items() if v != -1 and v < 1]
+  if len(free) > 1 or bad:
+    raise ConfigError(f"config.mesh={sizes}: sizes must be >= 1, and at most one of them -1 (the rest)")
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if free:
+    if device_count % fixed:
+      raise ConfigError(f"config.mesh={sizes}: {device_count} devices are not divisible by the fixed axes ({fixed})")
+    sizes[free[0]] = device_count // fixed
+  if math.prod(sizes.values()) != device_count:
+    raise ConfigError(f"config.mesh={sizes} uses {math.prod(sizes.values())} devices, but {device_count} exist")
+  return sizes
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
+  """The ModelConfig described by config.model.arch and the runtime fields (vocab_size 0 -> `vocab_size`)."""
+  arch = dict(config.model.arch)
+  if not arch["vocab_size"]:
+    arch["vocab_size"] = vocab_size
+  return ModelConfig(**arch, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                     remat_policy=config.model.remat_policy)
+
+
+def _key_problems(config, reference, prefix: str) -> list[str]:
+  problems = []
+  for key in sorted(set(config) | set(reference)):
+    name = f"{prefix}.{key}"
+    if key not in reference:
+      problems.append(f"{name}: unknown key")
+    elif key not in config:
+      problems.append(f"{name}: missing key")
+    elif isinstance(reference[key], ml_collections.ConfigDict) and key != "arch":
+      if not isinstance(config[key], ml_collections.ConfigDict):
+        problems.append(f"{name}: expected a group of keys, got {config[key]!r}")
+      else:
+        problems += _key_problems(config[key], reference[key], name)
+  return problems
+
+
+def _choice(problems: list[str], name: str, value, choices) -> None:
+  if value not in choices:
+    problems.append(f"{name}={value!r}: expected one of {', '.join(map(repr, choices))}")
+
+
+def _path_problems(config: ml_collections.ConfigDict) -> list[str]:
+  problems = []
+  m, d = config.model, config.data
+  if m.source == "hf" and not os.path.isfile(os.path.join(m.path, "config.json")):
+    problems.append(f"config.model.path={m.path!r}: no Hugging Face model directory (config.json) there")
+  if m.source == "gguf" and not os.path.isfile(m.path):
+    problems.append(f"config.model.path={m.path!r}: GGUF file not found")
+  if m.source == "random" and d.kind != "synthetic" and not os.path.exists(m.tokenizer):
+    problems.append(f"config.model.tokenizer={m.tokenizer!r}: a random model on real data needs a tokenizer path")
+  if d.kind == "tfrecord":
+    if not d.train_files:
+      problems.append("config.data.train_files: empty; data.kind 'tfrecord' needs file patterns")
+    for pattern in d.train_files:
+      if not glob.glob(pattern):
+        problems.append(f"config.data.train_files: {pattern!r} matches no file")
+  return problems
+
+
+def _arch_problems(config: ml_collections.ConfigDict) -> list[str]:
+  fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"dtype", "param_dtype", "remat_policy"}
+  unknown = sorted(set(config.model.arch) - fields)
+  if unknown:
+    return [f"config.model.arch.{k}: unknown key (ModelConfig fields: {', '.join(sorted(fields))})" for k in unknown]
+  try:
+    model_config(config, vocab_size=1)
+  except (TypeError, ValueError) as e:
+    return [f"config.model.arch: {e}"]
+  return []
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int) -> dict[str, int]:
+  """Raises ConfigError listing every problem; returns the resolved mesh shape."""
+  problems = _key_problems(config, base_config(), "config")
+  if problems:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+  m, t, o, d = config.model, config.train, config.optim, config.data
+  _choice(problems, "config.model.source", m.source, ("random", "hf", "gguf"))
+  _choice(problems, "config.model.dtype", m.dtype, DTYPES)
+  _choice(problems, "config.model.param_dtype", m.param_dtype, DTYPES)
+  _choice(problems, "config.model.remat_policy", m.remat_policy, tuple(REMAT_POLICIES))
+  _choice(problems, "config.train.finetune", t.finetune, ("full", "lora"))
+  _choice(problems, "config.optim.warmup", o.warmup, ("linear", "log"))
+  _choice(problems, "config.optim.decay", o.decay, ("linear", "cosine"))
+  _choice(problems, "config.data.kind", d.kind, ("synthetic", "tfrecord"))
+  problems += _arch_problems(config)
+  mesh = None
+  try:
+    mesh = mesh_shape(config, device_count)
+  except ConfigError as e:
+    problems.append(str(e))
+  if t.steps < 1:
+    problems.append(f"config.train.steps={t.steps}: must be >= 1")
+  if t.group_size < 2:
+    problems.append(f"config.train.group_size={t.group_size}: must be >= 2 (1 positive + at least 1 negative)")
+  if t.batch_queries < 1 or t.grad_accum_steps < 1 or t.batch_queries % t.grad_accum_steps:
+    problems.append(f"config.train.batch_queries={t.batch_queries} must be a positive multiple of "
+                    f"config.train.grad_accum_steps={t.grad_accum_steps}")
+  elif mesh is not None:
+    shards = mesh["data"] * mesh["fsdp"]
+    micro = t.batch_queries // t.grad_accum_steps
+    if micro % shards:
+      problems.append(f"config.train.batch_queries={t.batch_queries} (per accumulation step {micro}) is not "
+                      f"divisible by the mesh's data*fsdp = {shards} (config.mesh.data={mesh['data']}, "
+                      f"config.mesh.fsdp={mesh['fsdp']})")
+  if t.gradcache_chunk < 0:
+    problems.append(f"config.train.gradcache_chunk={t.gradcache_chunk}: must be >= 0 (0 = off)")
+  lengths = t.lengths
+  if lengths.query < 1:
+    problems.append(f"config.train.lengths.query={lengths.query}: must be >= 1")
+  if lengths.query_thought < lengths.query + QUERY_TEMPLATE_TOKENS:
+    problems.append(f"config.train.lengths.query_thought={lengths.query_thought} cannot hold the query template: "
+                    f"needs >= lengths.query + {QUERY_TEMPLATE_TOKENS} = {lengths.query + QUERY_TEMPLATE_TOKENS} "
+                    f"([BOS] <query> q </query> <thought> t EOS <emb>)")
+  if lengths.doc < DOC_TEMPLATE_TOKENS:
+    problems.append(f"config.train.lengths.doc={lengths.doc} cannot hold the document template: needs >= "
+                    f"{DOC_TEMPLATE_TOKENS} ([BOS] text <emb>)")
+  if t.tau <= 0:
+    problems.append(f"config.train.tau={t.tau}: must be > 0")
+  for key in ("w_ctr", "w_gen", "w_distill"):
+    if t[key] < 0:
+      problems.append(f"config.train.{key}={t[key]}: must be >= 0")
+  if t.w_ctr + t.w_gen <= 0:
+    problems.append("config.train.w_ctr + config.train.w_gen: must be > 0")
+  if t.w_distill > 0 and d.kind == "synthetic":
+    problems.append(f"config.train.w_distill={t.w_distill}: the synthetic data has no teacher scores")
+  if not 0 <= t.thought_drop <= 1:
+    problems.append(f"config.train.thought_drop={t.thought_drop}: must be in [0, 1]")
+  if t.finetune == "lora":
+    if t.lora.rank < 1:
+      problems.append(f"config.train.lora.rank={t.lora.rank}: must be >= 1")
+    if not 0 <= t.lora.dropout < 1:
+      problems.append(f"config.train.lora.dropout={t.lora.dropout}: must be in [0, 1)")
+    bad = [x for x in t.lora.targets if x not in LORA_TARGETS] or ([] if t.lora.targets else ["(none)"])
+    if bad:
+      problems.append(f"config.train.lora.targets: {bad} not among {', '.join(LORA_TARGETS)}")
+  if o.lr <= 0:
+    problems.append(f"config.optim.lr={o.lr}: must be > 0")
+  if not 0 <= o.warmup_frac < 1:
+    problems.append(f"config.optim.warmup_frac={o.warmup_frac}: must be in [0, 1)")
+  for key in ("b1", "b2"):
+    if not 0 <= o[key] < 1:
+      problems.append(f"config.optim.{key}={o[key]}: must be in [0, 1)")
+  if o.clip_norm < 0 or o.weight_decay < 0 or o.eps <= 0:
+    problems.append("config.optim.clip_norm, weight_decay must be >= 0 and eps > 0")
+  if d.kind == "synthetic":
+    spec = SyntheticSpec(**d.synthetic)
+    count = spec.num_topics * spec.docs_per_topic * spec.queries_per_doc
+    if spec.docs_per_topic < 2 or count < t.batch_queries:
+      problems.append(f"config.data.synthetic: {count} queries with docs_per_topic={spec.docs_per_topic}; need "
+                      f">= config.train.batch_queries={t.batch_queries} queries and docs_per_topic >= 2")
+  if config.checkpoint.every < 1 or config.checkpoint.keep < 1:
+    problems.append("config.checkpoint.every and config.checkpoint.keep: must be >= 1")
+  if config.log.every < 1:
+    problems.append(f"config.log.every={config.log.every}: must be >= 1")
+  problems += _path_problems(config)
+  if problems:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+  return mesh
