@@ -1,0 +1,90 @@
+"""Orbax checkpoints: sharded round trip (also onto another mesh), keep-last-K / every-N, async, stop signals."""
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from o1jax import checkpoint
+
+
+def mesh(shape):
+  return jax.make_mesh(shape, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+
+
+def make_state(m):
+  rng = np.random.default_rng(0)
+  shard = lambda spec: NamedSharding(m, spec)
+  state = {
+      "params": {"w": jax.device_put(rng.normal(size=(16, 8)).astype(np.float32), shard(P("fsdp", "tensor"))),
+                 "b": jax.device_put(rng.normal(size=(8,)).astype(jnp.bfloat16), shard(P()))},
+      "opt_state": {"mu": jax.device_put(rng.normal(size=(16, 8)).astype(np.float32), shard(P("fsdp")))},
+      "step": jax.device_put(np.int32(7), shard(P())),
+      "rng": jax.device_put(jax.random.key_data(jax.random.key(3)), shard(P())),
+  }
+  return state
+
+
+def assert_same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x),
+                                  np.asarray(y.astype(jnp.float32) if y.dtype == jnp.bfloat16 else y))
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_round_trip_is_exact_and_reshards(tmp_path, async_save):
+  m8 = mesh((1, 8, 1))
+  state = make_state(m8)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), every=1, keep=2, async_save=async_save)
+  assert ckpt.latest_step() is None
+  assert ckpt.save(7, state, {"next_batch": 7, "records": 256})
+  ckpt.wait()
+  assert ckpt.latest_step() == 7
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  restored, data = ckpt.restore(7, checkpoint.abstract_like(state, shardings))
+  assert data == {"next_batch": 7, "records": 256}
+  assert_same(restored, state)
+  assert all(r.sharding == s for r, s in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)))
+  # Restore onto another mesh layout (e.g. resuming on a different slice).
+  m222 = mesh((2, 2, 2))
+  other = jax.tree.map(lambda x: NamedSharding(m222, P(*[None] * x.ndim)), state)
+  other["params"]["w"] = NamedSharding(m222, P(("data", "fsdp"), "tensor"))
+  moved, _ = ckpt.restore(7, checkpoint.abstract_like(state, other))
+  assert_same(moved, state)
+  assert moved["params"]["w"].sharding == other["params"]["w"]
+  ckpt.close()
+
+
+def test_every_n_steps_keeps_last_k_and_force(tmp_path):
+  state = make_state(mesh((8, 1, 1)))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every=3, keep=2)
+  started = [step for step in range(1, 11) if ckpt.save(step, state, {"next_batch": step})]
+  assert started == [3, 6, 9]
+  assert ckpt.save(10, state, {"next_batch": 10}, force=True)
+  ckpt.wait()
+  assert ckpt.all_steps() == [9, 10]
+  assert sorted(p for p in os.listdir(tmp_path) if not p.startswith(".")) == ["10", "9"]
+  # A second manager on the same directory (a restarted run) sees the same checkpoints.
+  again = checkpoint.Checkpointer(str(tmp_path), every=3, keep=2)
+  assert again.latest_step() == 10
+  assert again.restore(10, checkpoint.abstract_like(state, jax.tree.map(lambda x: x.sharding, state)))[1] == {
+      "next_batch": 10}
+  ckpt.close()
+  again.close()
+
+
+def test_stop_signals_set_a_flag_and_handlers_come_back():
+  before = signal.getsignal(signal.SIGTERM)
+  with checkpoint.catch_stop_signals() as stop:
+    assert not stop
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop and stop.signal_name == "SIGTERM"
+  assert signal.getsignal(signal.SIGTERM) is before
+  with checkpoint.catch_stop_signals() as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.signal_name == "SIGINT"
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
