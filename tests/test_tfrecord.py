@@ -1,6 +1,9 @@
 """TFRecord framing and tf.train.Example coding, checked against TensorFlow's own reader and writer."""
 import hashlib
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -161,3 +164,12 @@ def test_encode_rejects_ambiguous_values():
     tfrecord.encode_example({"q": "not a list"})
   with pytest.raises(TypeError, match="feature 'mix'"):
     tfrecord.encode_example({"mix": ["a", 1]})
+
+
+def test_encoding_is_byte_identical_across_processes():
+  # Protobuf map order follows the process's hash seed unless serialization is deterministic.
+  code = ("import sys; from o1jax.data import tfrecord; "
+          "sys.stdout.write(tfrecord.encode_example({k: [k] for k in 'abcdefghijklmnop'}).hex())")
+  outputs = {subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+  assert len(outputs) == 1

@@ -156,7 +156,8 @@ def encode_example(features: Mapping[str, FeatureValue]) -> bytes:
       feature.float_list.value.extend(float(v) for v in values)
     else:
       raise TypeError(f"feature {key!r}: values must all be str/bytes, all ints or all numbers")
-  return example.SerializeToString()
+  # Deterministic: map entries sorted by key, so the same features give the same bytes in every process.
+  return example.SerializeToString(deterministic=True)
 
 
 def decode_example(data: bytes) -> dict[str, DecodedFeature]:
