@@ -7,6 +7,7 @@ import copy
 import json
 import shutil
 
+import gguf
 import jax
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ import transformers
 from test_parity import padded_batch, save_tiny, torch_logits
 
 from o1jax import tokenizer as o1tok
-from o1jax.convert import ConversionError, load_gguf, load_hf, save_hf
+from o1jax.convert import ConversionError, layout, load_gguf, load_hf, save_hf
+from o1jax.convert import gguf as o1gguf
 from o1jax.convert.__main__ import main as cli_main
 
 TOKENIZER_SIZE = 60
@@ -245,6 +247,65 @@ def test_missing_shard_is_named(llama_sharded, tmp_path):
   shard.unlink()
   with pytest.raises(ConversionError, match=shard.name):
     load_hf(broken)
+
+
+def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+  """llama.cpp's converter layout for Q/K rows (pairs interleaved per head)."""
+  return weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
+      weight.shape)
+
+
+def write_gguf(path, model, skip: str | None = None) -> None:
+  """Writes a transformers Llama as a float32 llama-architecture GGUF the way llama.cpp's converter does."""
+  c = model.config
+  writer = gguf.GGUFWriter(str(path), "llama")
+  writer.add_block_count(c.num_hidden_layers)
+  writer.add_context_length(c.max_position_embeddings)
+  writer.add_embedding_length(c.hidden_size)
+  writer.add_feed_forward_length(c.intermediate_size)
+  writer.add_head_count(c.num_attention_heads)
+  writer.add_head_count_kv(c.num_key_value_heads)
+  writer.add_rope_dimension_count(c.head_dim)
+  writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+  writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+  writer.add_vocab_size(c.vocab_size)
+  to_gguf = {o1gguf._hf_name(f"blk.{i}.{short}.weight"): f"blk.{i}.{short}.weight"
+             for i in range(c.num_hidden_layers) for short in o1gguf._LAYER_TENSORS}
+  to_gguf |= {hf: name for name, hf in o1gguf._GLOBAL_TENSORS.items()}
+  for name, tensor in model.state_dict().items():
+    weight = tensor.numpy()
+    if name.endswith("q_proj.weight"):
+      weight = llama_cpp_permute(weight, c.num_attention_heads)
+    elif name.endswith("k_proj.weight"):
+      weight = llama_cpp_permute(weight, c.num_key_value_heads)
+    if to_gguf[name] != skip:
+      writer.add_tensor(to_gguf[name], np.ascontiguousarray(weight))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+
+def test_untied_gguf_matches_the_model_and_transformers_reader(llama_sharded, tmp_path):
+  _, original = llama_sharded
+  write_gguf(tmp_path / "tiny.gguf", original)
+  cfg, params = load_gguf(tmp_path / "tiny.gguf")
+  assert not cfg.tie_word_embeddings and "lm_head" in params
+  assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (4, 2, 16)
+  # transformers' GGUF reader agrees that the file holds the original model...
+  theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32)
+  assert_same_tensors(theirs, original)
+  # ...and so does ours.
+  state = original.state_dict()
+  for e in layout.entries(cfg):
+    np.testing.assert_array_equal(layout.hf_tensor(params, e), state[e.hf_name].numpy(), err_msg=e.hf_name)
+
+
+def test_gguf_missing_tensor_is_named(llama_sharded, tmp_path):
+  _, original = llama_sharded
+  write_gguf(tmp_path / "tiny.gguf", original, skip="blk.1.ffn_up.weight")
+  with pytest.raises(ConversionError, match=r"tiny\.gguf: missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+    load_gguf(tmp_path / "tiny.gguf")
 
 
 def test_not_a_gguf_file_is_named(tmp_path):

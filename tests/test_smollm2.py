@@ -42,9 +42,7 @@ def test_dequantized_tensors_equal_transformers(smollm2):
   cfg, params, _, torch_model = smollm2
   state = torch_model.state_dict()
   for e in layout.entries(cfg):
-    ours = np.asarray(layout.get(params, e.path) if e.layer is None else layout.get(params, e.path)[e.layer])
-    np.testing.assert_array_equal(ours.T if e.path[-1] == "kernel" else ours, state[e.hf_name].numpy(),
-                                  err_msg=e.hf_name)
+    np.testing.assert_array_equal(layout.hf_tensor(params, e), state[e.hf_name].numpy(), err_msg=e.hf_name)
 
 
 def test_logits_match_transformers_on_real_text(smollm2):

@@ -13,7 +13,7 @@ import pathlib
 import shutil
 from typing import Any
 
-import jax
+import jax.numpy as jnp
 import numpy as np
 import safetensors
 import safetensors.numpy
@@ -106,21 +106,15 @@ def _plan_shards(entries: list[layout.Entry], itemsize: int, max_shard_bytes: in
   return shards
 
 
-def _host_tensor(params: Params, e: layout.Entry, dtype: np.dtype) -> np.ndarray:
-  x = layout.get(params, e.path)
-  x = np.asarray(jax.device_get(x if e.layer is None else x[e.layer])).astype(dtype)
-  return np.ascontiguousarray(x.T if e.path[-1] == "kernel" else x)
-
-
 def _write_weights(cfg: ModelConfig, params: Params, out: pathlib.Path, max_shard_bytes: int) -> None:
-  dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
+  dtype = jnp.dtype(cfg.param_dtype)
   entries = layout.entries(cfg)
   shards = _plan_shards(entries, dtype.itemsize, max_shard_bytes)
   names = ([SINGLE_FILE] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
   weight_map = {}
   for name, shard in zip(names, shards):
-    tensors = {e.hf_name: _host_tensor(params, e, dtype) for e in shard}
+    tensors = {e.hf_name: layout.hf_tensor(params, e, dtype) for e in shard}
     safetensors.numpy.save_file(tensors, str(out / name), metadata={"format": "pt"})
     # safetensors creates its files owner-only; the rest of the export is world-readable like save_pretrained's.
     (out / name).chmod(0o644)

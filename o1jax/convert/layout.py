@@ -83,6 +83,14 @@ def get(tree: Params, path: tuple[str, ...]) -> Any:
   return tree
 
 
+def hf_tensor(params: Params, entry: Entry, dtype: Any = None) -> np.ndarray:
+  """One HF tensor on the host (a single layer slice of a stacked parameter), optionally cast."""
+  x = get(params, entry.path)
+  x = np.asarray(jax.device_get(x if entry.layer is None else x[entry.layer]))
+  x = x if dtype is None else x.astype(dtype)
+  return np.ascontiguousarray(x.T if entry.path[-1] == "kernel" else x)
+
+
 def assemble(cfg: ModelConfig, available: Iterable[str], read: Callable[[str], np.ndarray],
              source: str) -> Params:
   """Builds the o1jax tree from HF-named tensors, reading one tensor at a time.
