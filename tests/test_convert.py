@@ -207,6 +207,10 @@ def _reshape_tensor(path):
   _rewrite_weights(path, lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((16, 64), "f4")}))
 
 
+def _add_different_head(path):
+  _rewrite_weights(path, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"] + 1}))
+
+
 def _truncate(path):
   file = path / "model.safetensors"
   file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
@@ -222,6 +226,8 @@ BAD_INPUTS = {
     "extra_tensor": (_add_tensor, r"unexpected tensor 'model\.layers\.0\.mlp\.extra\.weight'"),
     "shape_mismatch": (_reshape_tensor, r"tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' has shape "
                                         r"\(16, 64\), expected \(32, 64\)"),
+    "tied_head_differs": (_add_different_head, r"tensor 'lm_head\.weight' differs from 'model\.embed_tokens\.weight' "
+                                                r"although tie_word_embeddings=True"),
     "truncated_file": (_truncate, r"model\.safetensors: unreadable safetensors file \(truncated or corrupt\?\)"),
     "no_weights": (_delete_weights, r"no model\.safetensors or model\.safetensors\.index"),
 }
@@ -237,6 +243,17 @@ def test_bad_checkpoint_errors_name_file_and_tensor(bad, qwen_tied, tmp_path):
   with pytest.raises(ConversionError, match=message) as error:
     load_hf(broken)
   assert str(broken) in str(error.value)
+
+
+def test_tied_checkpoint_may_store_its_head(qwen_tied, tmp_path):
+  path, _ = qwen_tied
+  copy_dir = tmp_path / "with_head"
+  shutil.copytree(path, copy_dir)
+  _rewrite_weights(copy_dir, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"]}))
+  _, params = load_hf(copy_dir)
+  _, want = load_hf(path)
+  assert "lm_head" not in params
+  np.testing.assert_array_equal(params["embed_tokens"]["embedding"], want["embed_tokens"]["embedding"])
 
 
 def test_missing_shard_is_named(llama_sharded, tmp_path):
