@@ -1,0 +1,95 @@
+"""Retrieval benchmark: ScaNN vs exact search (QPS, recall@k) and MiniLM corpus encoding docs/s.
+
+  python -m o1jax.bench eval [--dataset=DIR] [--synthetic_docs=100000] [--queries=1000] [--k=100]
+
+SciFact runs when --dataset or $O1JAX_SHARED points at it; the synthetic corpus is clustered (Gaussian blobs on
+the unit sphere, like real embeddings), since uniform noise has no structure for partitioning to exploit.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Callable
+
+import numpy as np
+
+from o1jax.eval import search
+
+
+def clustered_corpus(num_docs: int, num_queries: int, dim: int, clusters: int, seed: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  centers = rng.standard_normal((clusters, dim)).astype(np.float32)
+
+  def sample(n: int) -> np.ndarray:
+    points = centers[rng.integers(0, clusters, n)] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32)
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+  return sample(num_docs), sample(num_queries)
+
+
+def _best_time(fn: Callable[[], object], repeats: int = 3) -> float:
+  fn()  # warm-up: compile (JAX) and touch memory
+  return min(_timed(fn) for _ in range(repeats))
+
+
+def _timed(fn: Callable[[], object]) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
+  return float(np.mean([len(set(a[:k]) & set(e[:k])) / k for a, e in zip(approx, exact)]))
+
+
+def compare(name: str, docs: np.ndarray, queries: np.ndarray, k: int,
+            config: search.ScannConfig | None = None) -> dict[str, float]:
+  exact = search.ExactSearch(docs)
+  exact_indices, _ = exact.search(queries, k)
+  exact_s = _best_time(lambda: exact.search(queries, k))
+  start = time.perf_counter()
+  scann = search.ScannSearch(docs, k=k, config=config)
+  build_s = time.perf_counter() - start
+  scann_indices, _ = scann.search(queries, k)
+  scann_s = _best_time(lambda: scann.search(queries, k))
+  result = {"exact_qps": len(queries) / exact_s, "scann_qps": len(queries) / scann_s,
+            "recall": recall_at_k(scann_indices, exact_indices, k), "build_s": build_s}
+  print(f"{name}: {docs.shape[0]:,} docs x {docs.shape[1]}, {len(queries)} queries, {scann.config}")
+  print(f"  exact {result['exact_qps']:,.0f} QPS | ScaNN {result['scann_qps']:,.0f} QPS "
+        f"(build {build_s:.1f}s) | ratio {result['scann_qps'] / result['exact_qps']:.1f}x | "
+        f"recall@{k} {result['recall']:.4f}")
+  return result
+
+
+def main(argv: list[str]) -> None:
+  parser = argparse.ArgumentParser(prog="python -m o1jax.bench eval", description=__doc__.splitlines()[0])
+  shared = os.environ.get("O1JAX_SHARED")
+  parser.add_argument("--dataset", default=shared and os.path.join(shared, "data", "beir-scifact"))
+  parser.add_argument("--synthetic_docs", type=int, default=100_000)
+  parser.add_argument("--dim", type=int, default=384)
+  parser.add_argument("--queries", type=int, default=1000)
+  parser.add_argument("--k", type=int, default=100)
+  parser.add_argument("--encode_docs", type=int, default=256, help="docs to time MiniLM encoding on")
+  args = parser.parse_args(argv)
+
+  docs, queries = clustered_corpus(args.synthetic_docs, args.queries, args.dim, clusters=args.synthetic_docs // 100)
+  compare("synthetic clustered", docs, queries, args.k)
+
+  if not args.dataset:
+    print("SciFact skipped: pass --dataset or set O1JAX_SHARED")
+    return
+  from o1jax.data.readers import load_beir
+  from o1jax.eval.baselines import cached_doc_encoder
+  from o1jax.eval.runner import doc_text
+  from o1jax.eval.st_encoder import SentenceEncoder
+  dataset = load_beir(args.dataset, "test")
+  texts = [doc_text(doc) for doc in dataset.corpus.values()]
+  encoder = SentenceEncoder()
+  sample = texts[:args.encode_docs]
+  encode_s = _timed(lambda: encoder.encode(sample))
+  print(f"MiniLM corpus encoding: {len(sample) / encode_s:.1f} docs/s ({len(sample)} SciFact docs, "
+        f"max_seq_length {encoder.max_seq_length}, torch CPU)")
+  compare("SciFact MiniLM", cached_doc_encoder(encoder)(texts), encoder.encode(list(dataset.queries.values())),
+          args.k)

@@ -1,0 +1,93 @@
+"""Evaluate any encoder on a BEIR split: embed, search, score; write the run, metrics JSON and a table.
+
+This is the seam the o1jax model plugs into: `evaluate_dense` takes plain `encode_queries(list[str])` and
+`encode_docs(list[str])` callables returning [N, D] float32 arrays, so thinking, pooling and caching stay
+with the caller.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+from typing import Callable, Sequence
+
+import numpy as np
+
+from o1jax.data.readers import BeirDataset, Doc
+from o1jax.eval import metrics, run_file, search
+from o1jax.eval.files import atomic_write_text
+
+Encoder = Callable[[Sequence[str]], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  run: run_file.Run
+  metrics: dict[str, float]
+  per_query: dict[str, dict[str, float]]  # {measure: {query id: value}}
+
+
+def doc_text(doc: Doc) -> str:
+  """Title and text joined by a space, as BEIR and MTEB feed documents to encoders."""
+  return f"{doc.title} {doc.text}".strip()
+
+
+def evaluate_run(dataset: BeirDataset, run: run_file.Run,
+                 measures: Sequence[str] = metrics.DEFAULT_MEASURES) -> Evaluation:
+  per_query = metrics.evaluate_per_query(dataset.qrels, run, measures)
+  means = {m: float(np.mean(list(values.values()))) for m, values in per_query.items()}
+  return Evaluation(run=run, metrics=means, per_query=per_query)
+
+
+def _embed(encode: Encoder, texts: list[str], what: str) -> np.ndarray:
+  embeddings = np.asarray(encode(texts), np.float32)
+  if embeddings.ndim != 2 or embeddings.shape[0] != len(texts):
+    raise ValueError(f"encode_{what} returned shape {embeddings.shape} for {len(texts)} texts")
+  return embeddings
+
+
+def evaluate_dense(dataset: BeirDataset, encode_queries: Encoder, encode_docs: Encoder, k: int = 1000,
+                   search_backend: str = "auto", remove_self_hits: bool = False,
+                   measures: Sequence[str] = metrics.DEFAULT_MEASURES) -> Evaluation:
+  """Inner-product retrieval of the top `k` docs per query; `remove_self_hits` for ArguAna / Quora."""
+  if not dataset.corpus:
+    raise ValueError("empty corpus")
+  doc_ids = list(dataset.corpus)
+  doc_embeddings = _embed(encode_docs, [doc_text(dataset.corpus[d]) for d in doc_ids], "docs")
+  query_ids = list(dataset.queries)
+  query_embeddings = _embed(encode_queries, [dataset.queries[q] for q in query_ids], "queries")
+  if query_embeddings.shape[1] != doc_embeddings.shape[1]:
+    raise ValueError(f"query dim {query_embeddings.shape[1]} != doc dim {doc_embeddings.shape[1]}")
+  searcher = search.build_searcher(doc_embeddings, search_backend, k)
+  if remove_self_hits:
+    indices, scores = search.search_without_self_hits(searcher, query_embeddings, k, query_ids, doc_ids)
+  else:
+    indices, scores = searcher.search(query_embeddings, k)
+  return evaluate_run(dataset, run_file.run_from_search(query_ids, doc_ids, indices, scores), measures)
+
+
+def write_evaluation(out_dir: str | os.PathLike, name: str, evaluation: Evaluation) -> pathlib.Path:
+  """`<name>.trec` (TREC run) and `<name>.metrics.json` (means and per-query values) in `out_dir`."""
+  slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+  out = pathlib.Path(out_dir)
+  run_file.write_run(out / f"{slug}.trec", evaluation.run, tag=slug)
+  payload = {"name": name, "metrics": evaluation.metrics, "per_query": evaluation.per_query}
+  atomic_write_text(out / f"{slug}.metrics.json", json.dumps(payload, indent=1, sort_keys=True) + "\n")
+  return out / f"{slug}.metrics.json"
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+  """A fixed-width table: one row per system, one column per measure (in first-seen order), 4 decimals."""
+  columns: list[str] = []
+  for values in rows.values():
+    columns += [m for m in values if m not in columns]
+  name_width = max([len("system")] + [len(name) for name in rows])
+  widths = [max(len(c), 6) for c in columns]
+  lines = ["  ".join([f"{'system':<{name_width}}"] + [f"{c:>{w}}" for c, w in zip(columns, widths)])]
+  lines.append("  ".join(["-" * name_width] + ["-" * w for w in widths]))
+  for name, values in rows.items():
+    cells = [f"{values[c]:>{w}.4f}" if c in values else f"{'-':>{w}}" for c, w in zip(columns, widths)]
+    lines.append("  ".join([f"{name:<{name_width}}"] + cells))
+  return "\n".join(lines)
