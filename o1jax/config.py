@@ -38,7 +38,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = dict(
       source="random",  # 'random' | 'hf' (a Hugging Face directory) | 'gguf' (a GGUF file)
       path="",
-      tokenizer="",  # for source 'random' on real data: an HF directory or GGUF file with the tokenizer
       # Architecture for source 'random' and for shape-only compilation (ModelConfig fields; vocab_size 0 = the
       # tokenizer's size). Ignored when weights are loaded: the checkpoint's own config is used.
       arch=dict(family="llama", vocab_size=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -74,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = dict(kind="synthetic", train_files=(), shuffle_seed=0,
                 synthetic={f.name: f.default for f in dataclasses.fields(SyntheticSpec)})
   c.checkpoint = dict(dir="", every=100, keep=3, async_save=True)
-  c.log = dict(every=10, tensorboard_dir="")
+  c.log = dict(every=10, tensorboard_dir="", jsonl="")  # jsonl: every logged step's metrics, one JSON per line
   return c
 
 
@@ -178,8 +177,8 @@ def _path_problems(config: ml_collections.ConfigDict) -> list[str]:
     problems.append(f"config.model.path={m.path!r}: no Hugging Face model directory (config.json) there")
   if m.source == "gguf" and not os.path.isfile(m.path):
     problems.append(f"config.model.path={m.path!r}: GGUF file not found")
-  if m.source == "random" and d.kind != "synthetic" and not os.path.exists(m.tokenizer):
-    problems.append(f"config.model.tokenizer={m.tokenizer!r}: a random model on real data needs a tokenizer path")
+  if m.source == "random" and d.kind != "synthetic":
+    problems.append("config.model.source='random' trains only on data.kind 'synthetic' (whose tokenizer it uses)")
   if d.kind == "tfrecord":
     if not d.train_files:
       problems.append("config.data.train_files: empty; data.kind 'tfrecord' needs file patterns")

@@ -1,0 +1,117 @@
+"""Training metrics to the console, a tqdm progress bar with ETA, and TensorBoard event files.
+
+Only process 0 writes. Metrics arrive as device scalars; they are fetched to the host only on logging steps so
+the step loop does not wait for the device every step.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+import json
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorboardX
+import tqdm
+
+
+# Dense bf16 peak FLOP/s per chip by jax `device_kind` (vendor figures; H100's 1979 is with sparsity, not used).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5": 459e12,  # v5p
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v6 lite": 918e12,  # v6e
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H200": 989e12,
+}
+
+
+def measured_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of the best of `repeats` jitted fp32 [size, size] matmuls on the default device (the CPU "peak")."""
+  a = jnp.ones((size, size), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best
+
+
+def peak_flops() -> float:
+  """Peak FLOP/s of the whole run: table value x device count, or on CPU the measured matmul peak of the host.
+
+  Fake CPU devices (`--xla_force_host_platform_device_count`) share the host's cores, so the host figure is the
+  whole machine's. 0.0 when the accelerator is not in the table (MFU is then not logged).
+  """
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return measured_matmul_peak()
+  return PEAK_FLOPS.get(device.device_kind, 0.0) * jax.device_count()
+
+
+class MetricsLog:
+  """`log(step, metrics)` every step; prints and writes every `every` steps and on `flush`."""
+
+  def __init__(self, total_steps: int, first_step: int, every: int, tensorboard_dir: str = "",
+               tokens_per_step: int = 0, flops_per_step: float = 0.0, peak_flops: float = 0.0,
+               jsonl: str = "", enabled: bool = True):
+    self.every, self.enabled = every, enabled
+    self.tokens_per_step, self.flops_per_step, self.peak_flops = tokens_per_step, flops_per_step, peak_flops
+    self._bar = tqdm.tqdm(total=total_steps, initial=first_step, unit="step", file=sys.stderr, dynamic_ncols=True,
+                          disable=not enabled)
+    self._writer = tensorboardX.SummaryWriter(tensorboard_dir) if enabled and tensorboard_dir else None
+    self._jsonl = open(jsonl, "a", encoding="utf-8") if enabled and jsonl else None  # pylint: disable=consider-using-with
+    self._pending: tuple[int, Mapping[str, Any]] | None = None
+    self._last_time, self._last_step = time.perf_counter(), first_step
+    self.history: list[dict[str, float]] = []
+
+  def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """`step` is the number of optimizer steps done; metrics are those of that step."""
+    self._bar.update(step - self._bar.n)
+    self._pending = (step, metrics)
+    if step % self.every == 0:
+      self.flush()
+
+  def flush(self) -> None:
+    if self._pending is None:
+      return
+    step, metrics = self._pending
+    self._pending = None
+    values = {k: float(np.asarray(v)) for k, v in metrics.items()}
+    now = time.perf_counter()
+    if step > self._last_step:
+      seconds = (now - self._last_time) / (step - self._last_step)
+      values["step_time_s"] = seconds
+      if self.tokens_per_step:
+        values["tokens_per_s"] = self.tokens_per_step / seconds
+      if self.flops_per_step and self.peak_flops:
+        values["mfu"] = self.flops_per_step / seconds / self.peak_flops
+    self._last_time, self._last_step = now, step
+    values["step"] = step
+    self.history.append(values)
+    if not self.enabled:
+      return
+    shown = " ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "step")
+    self._bar.write(f"step {step}: {shown}")
+    if self._jsonl is not None:
+      self._jsonl.write(json.dumps(values) + "\n")
+      self._jsonl.flush()
+    if self._writer is not None:
+      for k, v in values.items():
+        if k != "step":
+          self._writer.add_scalar(f"train/{k}", v, step)
+      self._writer.flush()
+
+  def close(self) -> None:
+    self.flush()
+    self._bar.close()
+    if self._writer is not None:
+      self._writer.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
