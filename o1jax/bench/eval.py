@@ -40,10 +40,6 @@ def _timed(fn: Callable[[], object]) -> float:
   return time.perf_counter() - start
 
 
-def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
-  return float(np.mean([len(set(a[:k]) & set(e[:k])) / k for a, e in zip(approx, exact)]))
-
-
 def compare(name: str, docs: np.ndarray, queries: np.ndarray, k: int,
             config: search.ScannConfig | None = None) -> dict[str, float]:
   exact = search.ExactSearch(docs)
@@ -55,7 +51,7 @@ def compare(name: str, docs: np.ndarray, queries: np.ndarray, k: int,
   scann_indices, _ = scann.search(queries, k)
   scann_s = _best_time(lambda: scann.search(queries, k))
   result = {"exact_qps": len(queries) / exact_s, "scann_qps": len(queries) / scann_s,
-            "recall": recall_at_k(scann_indices, exact_indices, k), "build_s": build_s}
+            "recall": search.recall_at_k(scann_indices, exact_indices, k), "build_s": build_s}
   print(f"{name}: {docs.shape[0]:,} docs x {docs.shape[1]}, {len(queries)} queries, {scann.config}")
   print(f"  exact {result['exact_qps']:,.0f} QPS | ScaNN {result['scann_qps']:,.0f} QPS "
         f"(build {build_s:.1f}s) | ratio {result['scann_qps'] / result['exact_qps']:.1f}x | "

@@ -206,6 +206,11 @@ def build_searcher(db: np.ndarray, backend: str = "auto", k: int = 1000) -> Sear
   raise ValueError(f"unknown search backend {backend!r}; use auto, exact or scann")
 
 
+def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
+  """Mean fraction of each query's exact top-k that the approximate top-k found (ANN recall@k)."""
+  return float(np.mean([len(set(a[:k]) & set(e[:k])) / k for a, e in zip(approx, exact)]))
+
+
 def search_without_self_hits(searcher: Searcher, queries: np.ndarray, k: int, query_ids: Sequence[str],
                              doc_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
   """Top-k excluding the doc whose id equals the query id (ArguAna, Quora: a query is also in the corpus)."""
