@@ -324,7 +324,7 @@ class Trainer:
         "loss": self.w_ctr * loss_ctr + self.w_gen * loss_gen + self.w_distill * loss_distill,
         "loss_ctr": loss_ctr, "loss_gen": loss_gen, "loss_distill": loss_distill,
         "acc_top1": aux["acc_top1"] / k, "score_gap": aux["score_gap"] / k,
-        "grad_norm": optax.global_norm(grads), "lr": self.schedule(state["step"]), "gen_tokens": n_gen,
+        "grad_norm": optax.tree.norm(grads), "lr": self.schedule(state["step"]), "gen_tokens": n_gen,
     }
     return grads, metrics
 
