@@ -371,6 +371,12 @@ class Trainer:
     with self._context():
       return self._step(state, batch)
 
+  def lower_step(self, state: Any, batch: Mapping[str, Any]) -> jax.stages.Lowered:
+    """The step lowered for abstract (ShapeDtypeStruct) or concrete inputs: `.compile()` it for AOT memory and
+    cost analysis without running anything."""
+    with self._context():
+      return self._step.lower(state, batch)
+
   def grads(self, state: dict, batch: Mapping[str, jax.Array]) -> tuple[Any, dict]:
     """(masked gradients of the trainable leaves, None where frozen; metrics) without updating: for checks."""
     with self._context():

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from o1jax import optim, sharding, train_step
-from o1jax.model import ModelConfig
+from o1jax.model import Decoder, ModelConfig
 from o1jax.tokenizer import SpecialIds
 
 TINY = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -196,6 +196,16 @@ def test_lora_starts_at_the_base_model_and_trains_only_adapters(batch, baseline)
   for target in ("q_proj", "v_proj", "o_proj"):
     assert not np.allclose(lora_after["layers"]["self_attn"][target]["lora_b"], 0), target
   assert not np.allclose(lora_after["layers"]["mlp"]["down_proj"]["lora_b"], 0)
+
+
+def test_embed_pads_rows_and_matches_the_model(baseline):
+  trainer = train_step.Trainer(TINY, make_config(), make_mesh(2, 2, 2), SPECIAL)
+  ids, mask = _rows(np.random.RandomState(7), 5, LD, 2)  # 5 rows: not a multiple of the 4 batch shards
+  got = np.asarray(trainer.embed(baseline["params"], ids, mask))
+  hidden = np.asarray(Decoder(TINY).apply({"params": baseline["params"]}, ids, np.maximum(mask.cumsum(1) - 1, 0),
+                                          mask), np.float64)
+  last = hidden[np.arange(5), mask.sum(1) - 1]
+  np.testing.assert_allclose(got, last / np.linalg.norm(last, axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
 
 
 def test_bad_batch_names_the_field(batch):
