@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 import dataclasses
 import glob
-import math
 import os
 
 from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
+from o1jax import sharding
 from o1jax.data.synthetic import SyntheticSpec
 from o1jax.model import REMAT_POLICIES, ModelConfig
 from o1jax.model.config import DTYPES
@@ -123,23 +123,6 @@ def load(argv: Sequence[str]) -> ml_collections.ConfigDict:
     raise ConfigError(f"bad command line {' '.join(argv[1:])}: {str(e).strip(chr(39))}") from e
 
 
-def mesh_shape(config: ml_collections.ConfigDict, device_count: int) -> dict[str, int]:
-  """Mesh axis sizes with the -1 axis resolved; ConfigError when they cannot use `device_count` devices."""
-  sizes = dict(config.mesh)
-  free = [k for k, v in sizes.items() if v == -1]
-  bad = [k for k, v in sizes.items() if v != -1 and v < 1]
-  if len(free) > 1 or bad:
-    raise ConfigError(f"config.mesh={sizes}: sizes must be >= 1, and at most one of them -1 (the rest)")
-  fixed = math.prod(v for v in sizes.values() if v != -1)
-  if free:
-    if device_count % fixed:
-      raise ConfigError(f"config.mesh={sizes}: {device_count} devices are not divisible by the fixed axes ({fixed})")
-    sizes[free[0]] = device_count // fixed
-  if math.prod(sizes.values()) != device_count:
-    raise ConfigError(f"config.mesh={sizes} uses {math.prod(sizes.values())} devices, but {device_count} exist")
-  return sizes
-
-
 def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
   """The ModelConfig described by config.model.arch and the runtime fields (vocab_size 0 -> `vocab_size`)."""
   arch = dict(config.model.arch)
@@ -217,8 +200,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> dict[str, 
   problems += _arch_problems(config)
   mesh = None
   try:
-    mesh = mesh_shape(config, device_count)
-  except ConfigError as e:
+    mesh = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, device_count)))
+  except ValueError as e:
     problems.append(str(e))
   if t.steps < 1:
     problems.append(f"config.train.steps={t.steps}: must be >= 1")
