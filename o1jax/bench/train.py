@@ -1,0 +1,159 @@
+"""Train-step benchmark: `python -m o1jax.bench train [--gguf=FILE] [--steps=N] [--compile-only=configs/X.py]`.
+
+For tiny_cpu and (given the GGUF file, or O1JAX_SHARED) smollm2_135m, both with full fine-tuning: step time,
+tokens/s, achieved FLOP/s / the fp32 matmul peak measured at start-up, peak host memory; then the same step
+(same weights, batch, lengths, losses and AdamW update) written with transformers' PyTorch `LlamaForCausalLM`,
+timed in the same run, and the ratio. `--compile-only` instead lowers and compiles a config's step for the
+current devices from shapes alone (e.g. Mistral-7B on 8 fake CPU devices) and prints XLA's memory analysis.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import time
+
+import jax
+import numpy as np
+import torch
+import transformers
+
+from o1jax import config as o1config, metrics_log, sharding, templates, train
+from o1jax.convert import save_hf
+from o1jax.data import batching
+from o1jax.train_step import Trainer
+
+
+def _rss_gib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _median_time(fn, steps: int) -> float:
+  fn()  # compile / warm up
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def torch_step_fn(model_dir: str, config, batch: dict[str, np.ndarray]):
+  """The o1jax step in PyTorch: one query pass (L_gen + `<emb>` pooling), documents through the backbone,
+  global InfoNCE over fp32 cosine scores / tau, w_ctr * L_ctr + w_gen * L_gen, clipping, AdamW."""
+  t, o = config.train, config.optim
+  model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
+  b = {k: torch.from_numpy(v).long() for k, v in batch.items()}
+
+  def embed(hidden, mask):
+    last = mask.sum(1) - 1
+    return torch.nn.functional.normalize(hidden[torch.arange(hidden.shape[0]), last].float(), dim=-1)
+
+  def positions(mask):
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+  def step():
+    q = model.model(input_ids=b["query_ids"], attention_mask=b["query_mask"],
+                    position_ids=positions(b["query_mask"])).last_hidden_state
+    logits = model.lm_head(q[:, :-1]).float()
+    target, weight = b["query_ids"][:, 1:], b["query_loss_mask"][:, 1:].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    loss_gen = (nll * weight).sum() / weight.sum().clamp(min=1)
+    d = model.model(input_ids=b["doc_ids"], attention_mask=b["doc_mask"],
+                    position_ids=positions(b["doc_mask"])).last_hidden_state
+    scores = embed(q, b["query_mask"]) @ embed(d, b["doc_mask"]).T / t.tau
+    labels = torch.arange(scores.shape[0]) * t.group_size
+    loss = t.w_ctr * torch.nn.functional.cross_entropy(scores, labels) + t.w_gen * loss_gen
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
+    opt.step()
+    return loss.item()
+
+  return step
+
+
+def bench_config(name: str, overrides: list[str], steps: int, peak: float) -> None:
+  config = o1config.load([f"--config=configs/{name}.py", "--config.train.finetune=full",
+                          "--config.checkpoint.dir=", *overrides])
+  with config.unlocked():
+    config.mesh.update(data=1, fsdp=-1, tensor=1)
+  o1config.validate(config, jax.device_count())
+  model_cfg, params, tokenizer, special = train.build_model(config)
+  t = config.train
+  spec = batching.BatchSpec(t.batch_queries, t.group_size, templates.Lengths(**t.lengths), t.thought_drop,
+                            config.data.shuffle_seed)
+  host = batching.Batcher(train.load_records(config), tokenizer, special, spec).batch(0)
+  trainer = Trainer(model_cfg, config, sharding.make_mesh(config.mesh), special)
+  state = trainer.init_state(jax.random.key(config.seed), params)
+  batch = trainer.shard_batch(host)
+  holder = {"state": state}
+
+  def jax_step():
+    holder["state"], metrics = trainer.step(holder["state"], batch)
+    jax.block_until_ready(metrics)
+
+  rss_before = _rss_gib()
+  jax_time = _median_time(jax_step, steps)
+  rss_jax = _rss_gib()
+  tokens = sum(v.shape[0] * v.shape[1] for k, v in host.items() if k.endswith("_ids"))
+  flops = trainer.flops_per_step({k: v.shape for k, v in host.items()})
+  print(f"[{name}] o1jax: {jax_time * 1e3:.1f} ms/step, {tokens / jax_time:,.0f} tokens/s, "
+        f"{flops / jax_time / 1e9:.2f} GFLOP/s = {flops / jax_time / peak:.3f} of the matmul peak, "
+        f"peak RSS {rss_jax:.2f} GiB (+{rss_jax - rss_before:.2f} in the step loop)")
+  if model_cfg.family != "llama":
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    model_dir = os.path.join(tmp, "model")
+    save_hf(model_cfg, jax.device_get(holder["state"]["params"]), model_dir)
+    torch_step = torch_step_fn(model_dir, config, host)
+  torch_time = _median_time(torch_step, steps)
+  print(f"[{name}] PyTorch LlamaForCausalLM ({torch.get_num_threads()} threads): {torch_time * 1e3:.1f} ms/step, "
+        f"{tokens / torch_time:,.0f} tokens/s, {flops / torch_time / peak:.3f} of the matmul peak, "
+        f"peak RSS {_rss_gib():.2f} GiB")
+  print(f"[{name}] o1jax speed-up over PyTorch: {torch_time / jax_time:.2f}x")
+
+
+def compile_only(config_arg: str) -> None:
+  config = o1config.load([f"--config={config_arg}"])
+  mesh = sharding.make_mesh(config.mesh)
+  vocab = config.model.arch.vocab_size
+  special = train.SpecialIds(query=vocab, query_end=vocab + 1, thought=vocab + 2, emb=vocab + 3, eos=2, bos=1, pad=0)
+  trainer = Trainer(o1config.model_config(config).replace(vocab_size=vocab + 4), config, mesh, special)
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), trainer.abstract_state,
+                       trainer.state_shardings)
+  t, shard = config.train, sharding.batch_sharding(mesh)
+  rows = {"query": (t.batch_queries, t.lengths.query_thought), "doc": (t.batch_queries * t.group_size, t.lengths.doc)}
+  batch = {f"{kind}_{field}": jax.ShapeDtypeStruct(shape, np.int32, sharding=shard)
+           for kind, shape in rows.items() for field in ("ids", "mask")}
+  batch["query_loss_mask"] = batch["query_mask"]
+  start = time.perf_counter()
+  # Trainer has no public lowering entry point yet: its jitted step under its mesh/rules context.
+  with trainer._context():  # pylint: disable=protected-access
+    compiled = trainer._step.lower(state, batch).compile()  # pylint: disable=protected-access
+  print(f"{config_arg}: compiled for {jax.device_count()} devices in {time.perf_counter() - start:.0f} s; "
+        f"{trainer.flops_per_step({k: v.shape for k, v in batch.items()}) / 1e12:.1f} model TFLOP per step")
+  print(compiled.memory_analysis())
+
+
+def main(argv: list[str]) -> None:
+  parser = argparse.ArgumentParser(prog="python -m o1jax.bench train")
+  parser.add_argument("--gguf", default="", help="SmolLM2-135M-Instruct GGUF file (default: from O1JAX_SHARED)")
+  parser.add_argument("--steps", type=int, default=5, help="timed steps per implementation (median reported)")
+  parser.add_argument("--compile-only", default="", help="a config to lower and compile from shapes only")
+  args = parser.parse_args(argv)
+  if args.compile_only:
+    compile_only(args.compile_only)
+    return
+  peak = metrics_log.measured_matmul_peak()
+  print(f"{jax.device_count()} x {jax.devices()[0].device_kind}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+  bench_config("tiny_cpu", [], args.steps, peak)
+  gguf = args.gguf or (os.path.join(os.environ["O1JAX_SHARED"], "data", "smollm2-135m-instruct-gguf",
+                                    "SmolLM2-135M-Instruct.Q4_1.gguf") if os.environ.get("O1JAX_SHARED") else "")
+  if gguf:
+    bench_config("smollm2_135m", [f"--config.model.path={gguf}"], args.steps, peak)
+  else:
+    print("smollm2_135m skipped: pass --gguf=FILE or set O1JAX_SHARED")
