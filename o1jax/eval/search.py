@@ -165,7 +165,11 @@ def scann_config(num_docs: int, k: int) -> ScannConfig:
 
 
 class ScannSearch:
-  """ScaNN inner-product search (`scann_ops_pybind`), configured by `scann_config` unless given a config."""
+  """ScaNN inner-product search (`scann_ops_pybind`), configured by `scann_config` unless given a config.
+
+  ScaNN 1.4.2 takes no seed for its tree training, so two tree builds can differ slightly (brute force is exact);
+  exact search is the deterministic reference.
+  """
 
   def __init__(self, db: np.ndarray, k: int = 1000, config: ScannConfig | None = None):
     scann_ops_pybind = _import_scann()
