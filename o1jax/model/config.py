@@ -6,6 +6,7 @@ options (dtypes, remat) live here too so one object describes how the model runs
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -55,6 +56,10 @@ class ModelConfig:
         raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {', '.join(DTYPES)}")
     if isinstance(self.eos_token_id, list):
       object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+
+  def __hash__(self):
+    # A static argument of jitted functions; rope_scaling is a dict, so hash the canonical JSON form.
+    return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
 
   def replace(self, **changes) -> ModelConfig:
     return dataclasses.replace(self, **changes)
