@@ -159,7 +159,7 @@ class Decoder(nn.Module):
     """input_ids, positions, attention_mask_: [B, T]. With a cache, the tokens fill slots [index, index + T)
     and the updated cache is returned as well."""
     t = input_ids.shape[1]
-    x = nn.with_logical_constraint(self.embed_tokens(input_ids), (BATCH, LENGTH, EMBED))
+    x = nn.with_logical_constraint(self._embed(input_ids), (BATCH, LENGTH, EMBED))
     cos, sin = rotary_tables(self.cfg, positions)
     valid = attention_mask_.astype(bool)
     if cache is None:
@@ -172,6 +172,12 @@ class Decoder(nn.Module):
     mask = attention_mask(q_slots, jnp.arange(valid.shape[1]), valid, self.cfg.sliding_window)
     (x, k, v, _), _ = self.layers((x, cache.k, cache.v, jnp.int32(0)), cos, sin, mask, cache.index)
     return self.norm(x), KVCache(k, v, valid, cache.index + t)
+
+  def _embed(self, input_ids):
+    # Gather the table's embed dimension (FSDP-style, like any weight) before the lookup: a lookup into a table
+    # sharded on both axes makes XLA re-split the result onto the batch axis by a full rematerialisation.
+    table = nn.with_logical_constraint(self.embed_tokens.embedding, ("vocab", None))
+    return jnp.take(table, input_ids, axis=0).astype(jnp.dtype(self.cfg.dtype))
 
   def logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
     """LM head, float32 logits [..., vocab]."""
