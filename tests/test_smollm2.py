@@ -6,6 +6,7 @@ import torch
 import transformers
 
 from o1jax.convert import layout, load_gguf
+from o1jax.generate import Generator
 from o1jax.model import Decoder
 from o1jax.tokenizer import load_tokenizer
 
@@ -71,3 +72,24 @@ def test_logits_match_transformers_on_real_text(smollm2):
   row = 0
   before_paris = np.flatnonzero(ids[row] == paris)[0] - 1
   assert got[row, before_paris].argmax() == paris
+
+
+def test_greedy_generation_matches_transformers(smollm2):
+  """32 greedy tokens for the chat prompt, token for token, and for a left-padded batch of two prompts."""
+  cfg, params, tokenizer, torch_model = smollm2
+  questions = ["What is the capital of France?", "Name three primary colors."]
+  prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=False) for q in questions]
+  eos = tokenizer.eos_token_id
+  ours = Generator(cfg, params, eos_ids=(eos,)).generate(prompts, max_new_tokens=32)
+  tokenizer.padding_side = "left"
+  batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
+  with torch.no_grad():
+    out = torch_model.generate(**batch, do_sample=False, max_new_tokens=32, eos_token_id=eos,
+                               pad_token_id=tokenizer.pad_token_id)
+  width = batch["input_ids"].shape[1]
+  for row, got in enumerate(ours):
+    want = out[row, width:].tolist()
+    want = want[:want.index(eos) + 1] if eos in want else want
+    assert got == want, (tokenizer.decode(got), tokenizer.decode(want))
+  assert tokenizer.decode(ours[0], skip_special_tokens=True).startswith("The capital of France is Paris")
