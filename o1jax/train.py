@@ -2,10 +2,12 @@
 
 Validates the config, builds model + tokenizer + batches, resumes from the latest checkpoint in
 config.checkpoint.dir when there is one (params, optimizer state, step, PRNG and data position), then runs the
-jitted step, saving every `checkpoint.every` steps and on SIGTERM/SIGINT.
+jitted step, saving every `checkpoint.every` steps and on SIGTERM/SIGINT. The checkpoint directory also gets the
+config, model config and tokenizer (`checkpoint.save_run_files`), so export and evaluation need nothing else.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 import logging
 import sys
 from typing import Any
@@ -14,7 +16,7 @@ import jax
 
 from o1jax import checkpoint, config as o1config, metrics_log, sharding, templates
 from o1jax.convert import load_gguf, load_hf
-from o1jax.data import batching, synthetic
+from o1jax.data import batching, pipeline, synthetic
 from o1jax.tokenizer import SpecialIds, add_special_tokens, load_tokenizer
 from o1jax.train_step import Trainer
 
@@ -32,10 +34,12 @@ def build_model(config) -> tuple[Any, Any, Any, SpecialIds]:
   return model_cfg, params, tokenizer, special
 
 
-def load_records(config) -> list[dict]:
+def load_records(config) -> Sequence[dict]:
+  """The training records: generated, or indexed TFRecord shards read on demand (globs or manifest.json)."""
   if config.data.kind == "synthetic":
     return synthetic.make_records(synthetic.SyntheticSpec(**config.data.synthetic))
-  return batching.read_tfrecord_records(list(config.data.train_files))
+  return pipeline.open_source(config.data.train_files, process_index=jax.process_index(),
+                              process_count=jax.process_count())
 
 
 def main(argv: list[str]) -> list[dict[str, float]]:
@@ -58,6 +62,8 @@ def main(argv: list[str]) -> list[dict[str, float]]:
     ckpt = checkpoint.Checkpointer(config.checkpoint.dir, config.checkpoint.every, config.checkpoint.keep,
                                    config.checkpoint.async_save)
     latest = ckpt.latest_step()
+    if jax.process_index() == 0:
+      checkpoint.save_run_files(config.checkpoint.dir, config, model_cfg, tokenizer)
   if latest is None:
     state, next_batch = trainer.init_state(jax.random.key(config.seed), params), 0
   else:
@@ -101,6 +107,7 @@ def main(argv: list[str]) -> list[dict[str, float]]:
 
 if __name__ == "__main__":
   logging.getLogger().setLevel(logging.INFO)  # absl's handler is already installed; just let INFO through
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save at INFO through absl's logger
   try:
     main(sys.argv[1:])
   except o1config.ConfigError as e:
