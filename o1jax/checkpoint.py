@@ -6,6 +6,10 @@ the exact same example). Saves are asynchronous: the step loop goes on while orb
 directory appears under its final name only when complete. Paths may be local or `gs://...` (orbax writes
 through etils.epath).
 
+Beside the step directories, `run/` holds what rebuilds the model without the training command line: the train
+config (`train_config.json`), the model architecture (`model_config.json`) and the tokenizer with the special
+tokens (`tokenizer/`), written by process 0 when a run starts (`save_run_files`, read by `load_run_files`).
+
 SIGTERM (preemption) and SIGINT are turned into a flag the loop polls after each step, so it can save a final
 checkpoint at a step boundary and exit cleanly.
 """
@@ -13,13 +17,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 import contextlib
+import dataclasses
+import json
 import os
+import pathlib
 import signal
+import tempfile
 import threading
 from typing import Any
 
+from etils import epath
 import jax
+import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+import transformers
+
+from o1jax.model import ModelConfig
+
+RUN_DIR = "run"
+TRAIN_CONFIG, MODEL_CONFIG, TOKENIZER_DIR = "train_config.json", "model_config.json", "tokenizer"
 
 
 def _absolute(directory: str) -> str:
@@ -63,9 +80,68 @@ class Checkpointer:
     self._manager.close()
 
 
+def restore_on_host(directory: str, abstract: Any, step: int | None = None) -> tuple[int, Any]:
+  """(step, numpy arrays) of the part `abstract` of the saved state, e.g. params and LoRA without the optimizer
+  state, whatever mesh or process count saved it. `step` defaults to the latest."""
+  directory = _absolute(directory)
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+  try:
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise FileNotFoundError(f"{directory}: no checkpoint steps")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise FileNotFoundError(f"{directory}: no checkpoint at step {step}; saved steps: {steps}")
+    restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), abstract)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        abstract, restore_args=restore_args, partial_restore=True)))
+  finally:
+    manager.close()
+  return step, restored.state
+
+
 def abstract_like(state: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs of `state` (arrays or abstract values) carrying `shardings`, the target of a restore."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def _write_atomic(path: epath.Path, data: bytes) -> None:
+  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+  tmp.write_bytes(data)
+  tmp.rename(path)
+
+
+def save_run_files(directory: str, config: ml_collections.ConfigDict, model_cfg: ModelConfig,
+                   tokenizer: Any) -> None:
+  """Writes `directory`/run/: the train config, the model config and the tokenizer (each file atomically)."""
+  run = epath.Path(_absolute(directory)) / RUN_DIR
+  (run / TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
+  _write_atomic(run / TRAIN_CONFIG, (config.to_json(indent=2, sort_keys=True) + "\n").encode())
+  _write_atomic(run / MODEL_CONFIG, (json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n").encode())
+  # save_pretrained writes only local files; stage them, then copy (gs:// directories included).
+  with tempfile.TemporaryDirectory() as staging:
+    for file in tokenizer.save_pretrained(staging):
+      _write_atomic(run / TOKENIZER_DIR / pathlib.Path(file).name, pathlib.Path(file).read_bytes())
+
+
+def load_run_files(directory: str) -> tuple[ml_collections.ConfigDict, ModelConfig, Any]:
+  """(train config, ModelConfig, tokenizer) saved by `save_run_files` in checkpoint `directory`."""
+  run = epath.Path(_absolute(directory)) / RUN_DIR
+  if not (run / MODEL_CONFIG).exists():
+    raise FileNotFoundError(f"{run / MODEL_CONFIG}: missing; {directory} is not an o1jax checkpoint directory "
+                            "(python -m o1jax.train writes run/ when it starts)")
+  try:
+    config = ml_collections.ConfigDict(json.loads((run / TRAIN_CONFIG).read_text()))
+    model_cfg = ModelConfig(**json.loads((run / MODEL_CONFIG).read_text()))
+  except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
+    raise ValueError(f"{run}: unreadable run files ({TRAIN_CONFIG}, {MODEL_CONFIG}): {e}") from e
+  with tempfile.TemporaryDirectory() as staging:
+    for file in (run / TOKENIZER_DIR).iterdir():
+      (pathlib.Path(staging) / file.name).write_bytes(file.read_bytes())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(staging)
+  return config, model_cfg, tokenizer
 
 
 class StopRequest:
