@@ -74,6 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
                 synthetic={f.name: f.default for f in dataclasses.fields(SyntheticSpec)})
   c.checkpoint = dict(dir="", every=100, keep=3, async_save=True)
   c.log = dict(every=10, tensorboard_dir="", jsonl="")  # jsonl: every logged step's metrics, one JSON per line
+  # Every `every` steps (0 = never; a multiple of log.every) and at the end: retrieval metrics on the first
+  # `max_queries` (0 = all) judged queries of a BEIR dev set, queries embedded with `think` thoughts (0 = none).
+  c.eval = dict(every=0, dataset="", split="test", max_queries=0, think=0, max_new_tokens=128)
   return c
 
 
@@ -183,6 +186,21 @@ def _arch_problems(config: ml_collections.ConfigDict) -> list[str]:
   return []
 
 
+def _eval_problems(e: ml_collections.ConfigDict, log_every: int) -> list[str]:
+  if e.every == 0:
+    return []
+  problems = []
+  if e.every < 0 or (log_every >= 1 and e.every % log_every):
+    problems.append(f"config.eval.every={e.every}: must be 0 (off) or a positive multiple of "
+                    f"config.log.every={log_every} (eval metrics are logged with the training metrics)")
+  if not os.path.isdir(os.path.join(e.dataset, "qrels")):
+    problems.append(f"config.eval.dataset={e.dataset!r}: no BEIR directory (with qrels/) there")
+  if e.max_queries < 0 or e.think < 0 or e.max_new_tokens < 1:
+    problems.append(f"config.eval: max_queries={e.max_queries} and think={e.think} must be >= 0, "
+                    f"max_new_tokens={e.max_new_tokens} >= 1")
+  return problems
+
+
 def validate(config: ml_collections.ConfigDict, device_count: int) -> dict[str, int]:
   """Raises ConfigError listing every problem; returns the resolved mesh shape."""
   problems = _key_problems(config, base_config(), "config")
@@ -267,6 +285,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> dict[str, 
     problems.append("config.checkpoint.every and config.checkpoint.keep: must be >= 1")
   if config.log.every < 1:
     problems.append(f"config.log.every={config.log.every}: must be >= 1")
+  problems += _eval_problems(config.eval, config.log.every)
   problems += _path_problems(config)
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -4,6 +4,8 @@ Validates the config, builds model + tokenizer + batches, resumes from the lates
 config.checkpoint.dir when there is one (params, optimizer state, step, PRNG and data position), then runs the
 jitted step, saving every `checkpoint.every` steps and on SIGTERM/SIGINT. The checkpoint directory also gets the
 config, model config and tokenizer (`checkpoint.save_run_files`), so export and evaluation need nothing else.
+With `eval.every` > 0, retrieval metrics on the dev set of `config.eval` are logged with the training metrics
+every N steps and at the end.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import jax
 from o1jax import checkpoint, config as o1config, metrics_log, sharding, templates
 from o1jax.convert import load_gguf, load_hf
 from o1jax.data import batching, pipeline, synthetic
+from o1jax.eval.dev import DevEvaluator
 from o1jax.tokenizer import SpecialIds, add_special_tokens, load_tokenizer
 from o1jax.train_step import Trainer
 
@@ -55,6 +58,8 @@ def main(argv: list[str]) -> list[dict[str, float]]:
                             config.data.shuffle_seed, teacher_scores=t.w_distill > 0)
   batcher = batching.Batcher(records, tokenizer, special, spec, jax.process_index(), jax.process_count())
   trainer = Trainer(model_cfg, config, mesh, special)
+  evaluate = (DevEvaluator(config.eval, model_cfg, tokenizer, mesh, trainer.lora_cfg, config.seed)
+              if config.eval.every else None)
 
   ckpt = None
   latest = None
@@ -89,8 +94,10 @@ def main(argv: list[str]) -> list[dict[str, float]]:
       for step in range(start, t.steps):
         state, metrics = trainer.step(state, trainer.shard_batch(next(batches)))
         next_batch += 1
-        log.log(step + 1, metrics)
         last = step + 1 == t.steps
+        if evaluate is not None and ((step + 1) % config.eval.every == 0 or last):
+          metrics = {**metrics, **evaluate(state)}
+        log.log(step + 1, metrics)
         if ckpt is not None:
           ckpt.save(step + 1, state, {"next_batch": next_batch, "records": len(records)}, force=last or bool(stop))
         if stop:

@@ -1,0 +1,130 @@
+"""`python -m o1jax.eval`: an o1jax checkpoint with and without thinking next to BM25 and MiniLM, one table.
+
+  python -m o1jax.eval --checkpoint=PATH --dataset=../shared/data/beir-scifact [--split=test] [--think=3|off]
+      [--baselines=bm25,minilm] [--out=DIR] [--max_queries=N] [--search=auto|exact|scann] [--drop_self_hits]
+
+PATH is an exported Hugging Face directory or an o1jax checkpoint directory. Metrics are trec_eval's (through
+pytrec_eval) over every judged query: nDCG@10, MRR@10 (run cut at 10), Recall@100, Recall@1000 of the top-k
+(default 1000) run. `--out` gets a TREC run file and a metrics JSON (means and per-query values) per system and
+`summary.json`; `--per_query` also prints every query's values. Document embeddings are cached on disk
+(`--cache_dir`, default $O1JAX_CACHE or ~/.cache/o1jax), keyed by checkpoint, corpus and settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+from typing import Sequence
+
+from o1jax.data.readers import BeirDataset, load_beir
+from o1jax.eval import baselines, o1, runner
+from o1jax.eval.files import atomic_write_text
+from o1jax.eval.metrics import DEFAULT_MEASURES
+from o1jax.eval.st_encoder import SentenceEncoder
+from o1jax.retriever import Retriever, Sampling
+
+
+def _think(value: str) -> int:
+  if value == "off":
+    return 0
+  try:
+    k = int(value)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number of thoughts or 'off', got {value!r}") from None
+  if k < 0:
+    raise argparse.ArgumentTypeError(f"expected >= 0 thoughts, got {k}")
+  return k
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m o1jax.eval", description=__doc__.splitlines()[0])
+  p.add_argument("--checkpoint", required=True, help="exported Hugging Face directory or o1jax checkpoint directory")
+  p.add_argument("--dataset", required=True, help="BEIR directory (corpus.jsonl[.gz], queries.jsonl, qrels/)")
+  p.add_argument("--split", default="test")
+  p.add_argument("--think", type=_think, default=3, help="thoughts per query (METHOD: 3), or 'off'")
+  p.add_argument("--temperature", type=float, default=0.1)
+  p.add_argument("--top_p", type=float, default=0.9)
+  p.add_argument("--max_new_tokens", type=int, default=128)
+  p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same thoughts")
+  p.add_argument("--baselines", default="bm25,minilm",
+                 help="comma-separated: bm25, minilm, or a sentence-transformers model directory; '' for none")
+  p.add_argument("--out", help="directory for TREC run files and metrics JSON")
+  p.add_argument("--max_queries", type=int, default=0, help="evaluate only the first N judged queries (0 = all)")
+  p.add_argument("--search", default="auto", choices=["auto", "exact", "scann"])
+  p.add_argument("--k", type=int, default=1000, help="documents retrieved per query")
+  p.add_argument("--drop_self_hits", action="store_true", help="never retrieve a doc whose id is the query id")
+  p.add_argument("--per_query", action="store_true", help="print every query's metrics")
+  p.add_argument("--cache_dir", default=None, help="document-embedding cache")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  return p
+
+
+def _bm25(dataset: BeirDataset, k: int, drop_self_hits: bool) -> runner.Evaluation:
+  run = baselines.bm25_run(dataset, k + drop_self_hits)
+  if drop_self_hits:
+    run = {q: dict(list((d, s) for d, s in docs.items() if d != q)[:k]) for q, docs in run.items()}
+  return runner.evaluate_run(dataset, run)
+
+
+def _sentence_encoder(dataset: BeirDataset, model: str | None, args: argparse.Namespace) -> runner.Evaluation:
+  encoder = SentenceEncoder(model)
+  return runner.evaluate_dense(dataset, encoder.encode, baselines.cached_doc_encoder(encoder, cache_dir=args.cache_dir),
+                               k=args.k, search_backend=args.search, remove_self_hits=args.drop_self_hits)
+
+
+def evaluate_all(args: argparse.Namespace) -> dict[str, runner.Evaluation]:
+  """Every requested system on the dataset, in table order."""
+  if args.max_new_tokens < 1 or args.k < 1:
+    raise ValueError("--max_new_tokens and --k must be >= 1")
+  names = [b.strip() for b in args.baselines.split(",") if b.strip()]
+  dataset = o1.first_queries(load_beir(args.dataset, args.split), args.max_queries)
+  retriever = Retriever.from_pretrained(args.checkpoint, dtype=args.dtype)
+  o1.index_corpus(retriever, dataset, args.search, args.k, args.cache_dir)
+  sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens)
+  results = {}
+  for think in ([args.think] if args.think else []) + [0]:
+    label = f"o1jax think={think}" if think else "o1jax no-think"
+    results[label] = o1.evaluate(retriever, dataset, think, args.k, sampling, args.seed, args.drop_self_hits)
+  for name in names:
+    if name == "bm25":
+      results["BM25"] = _bm25(dataset, args.k, args.drop_self_hits)
+    elif name == "minilm":
+      results["MiniLM-L6-v2"] = _sentence_encoder(dataset, None, args)
+    elif os.path.isdir(name):
+      results[os.path.basename(name.rstrip("/"))] = _sentence_encoder(dataset, name, args)
+    else:
+      raise ValueError(f"--baselines: {name!r} is neither bm25, minilm nor a sentence-transformers directory")
+  return results
+
+
+def _per_query_lines(results: dict[str, runner.Evaluation]) -> list[str]:
+  lines = ["system\tquery\t" + "\t".join(DEFAULT_MEASURES)]
+  for label, evaluation in results.items():
+    for qid in evaluation.per_query[DEFAULT_MEASURES[0]]:
+      values = "\t".join(f"{evaluation.per_query[m][qid]:.4f}" for m in DEFAULT_MEASURES)
+      lines.append(f"{label}\t{qid}\t{values}")
+  return lines
+
+
+def main(argv: Sequence[str]) -> dict[str, runner.Evaluation]:
+  args = parser().parse_args(argv)
+  results = evaluate_all(args)
+  if args.out:
+    for label, evaluation in results.items():
+      runner.write_evaluation(args.out, label, evaluation)
+    summary = {"settings": {k: v for k, v in vars(args).items() if k != "out"},
+               "metrics": {label: e.metrics for label, e in results.items()}}
+    atomic_write_text(pathlib.Path(args.out) / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
+  print(runner.format_table({label: e.metrics for label, e in results.items()}))
+  if args.per_query:
+    print("\n".join(_per_query_lines(results)))
+  return results
+
+
+if __name__ == "__main__":
+  try:
+    main(sys.argv[1:])
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")

@@ -1,0 +1,45 @@
+"""An o1jax `Retriever` evaluated on a BEIR split: index the corpus, search every query, score with trec_eval.
+
+Shared by `python -m o1jax.eval`, evaluation during training and API users, so all three give the same numbers.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+import os
+
+import jax
+
+from o1jax.data.readers import BeirDataset
+from o1jax.eval import metrics, runner
+from o1jax.retriever import Retriever, Sampling
+from o1jax.templates import document_text
+
+
+def first_queries(dataset: BeirDataset, max_queries: int) -> BeirDataset:
+  """The first `max_queries` judged queries (file order) with their qrels; the corpus is unchanged. 0 = all."""
+  if max_queries < 0:
+    raise ValueError(f"max_queries must be >= 0 (0 = all), got {max_queries}")
+  if not max_queries or max_queries >= len(dataset.queries):
+    return dataset
+  kept = list(dataset.queries)[:max_queries]
+  return dataclasses.replace(dataset, queries={q: dataset.queries[q] for q in kept},
+                             qrels={q: dataset.qrels[q] for q in kept})
+
+
+def index_corpus(retriever: Retriever, dataset: BeirDataset, backend: str = "auto", k: int = 1000,
+                 cache_dir: str | os.PathLike | None = None) -> None:
+  """Indexes the split's corpus, each document as METHOD §2's `title text`."""
+  doc_ids = list(dataset.corpus)
+  retriever.index(doc_ids, [document_text(dataset.corpus[d].title, dataset.corpus[d].text) for d in doc_ids],
+                  backend, k, cache_dir)
+
+
+def evaluate(retriever: Retriever, dataset: BeirDataset, think: int, k: int = 1000, sampling: Sampling = Sampling(),
+             rng: jax.Array | int = 0, drop_self_hits: bool = False,
+             measures: Sequence[str] = metrics.DEFAULT_MEASURES) -> runner.Evaluation:
+  """Top-`k` run of every query (with `think` thoughts each, 0 = none) against the indexed corpus, and its metrics."""
+  query_ids = list(dataset.queries)
+  hits = retriever.search([dataset.queries[q] for q in query_ids], k, think, sampling, rng,
+                          self_hit_ids=query_ids if drop_self_hits else None)
+  return runner.evaluate_run(dataset, {q: dict(h) for q, h in zip(query_ids, hits)}, measures)
