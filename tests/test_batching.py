@@ -1,10 +1,10 @@
-"""Batching of training records into fixed-shape host batches, the synthetic dataset and the TFRecord reader."""
+"""Batching of training records into fixed-shape host batches, and the synthetic dataset."""
 import bm25s
 import numpy as np
 import pytest
 
 from o1jax import templates
-from o1jax.data import batching, synthetic, tfrecord
+from o1jax.data import batching, synthetic
 from o1jax.tokenizer import SpecialIds
 
 LENGTHS = templates.Lengths(query=8, query_thought=16, doc=12)
@@ -164,22 +164,3 @@ def test_synthetic_tokenizer_covers_every_word():
   assert tokenizer.unk_token_id not in {i for seq in ids for i in seq}
   assert [tokenizer.decode(seq) for seq in ids] == texts
 
-
-def test_tfrecord_shards_become_records(tmp_path, world):
-  for shard in range(2):
-    with tfrecord.TFRecordWriter(tmp_path / f"train-{shard}.tfrecord") as w:
-      for i in range(4):
-        w.write_example({"query_id": [f"q{shard}{i}"], "query": ["t0 c1"], "thought": ["e1 t0"],
-                         "thoughts": ["e1 t0", "e2"], "positives": ["t0 e1"], "negatives": ["t0 e2", "t0 e3"],
-                         "chosen": [0]})
-  records = batching.read_tfrecord_records([str(tmp_path / "train-*.tfrecord")])
-  assert [r["query_id"] for r in records] == ["q00", "q01", "q02", "q03", "q10", "q11", "q12", "q13"]
-  assert records[0] == {"query_id": "q00", "query": "t0 c1", "thought": "e1 t0", "positives": ["t0 e1"],
-                        "negatives": ["t0 e2", "t0 e3"]}
-  assert make_batcher(world, records).batch(0)["query_ids"].shape == (8, 16)
-  with tfrecord.TFRecordWriter(tmp_path / "bad.tfrecord") as w:
-    w.write_example({"query_id": ["x"], "query": ["t0"], "positives": []})
-  with pytest.raises(ValueError, match=r"bad.tfrecord: record 0: missing feature 'positives'"):
-    batching.read_tfrecord_records([str(tmp_path / "bad.tfrecord")])
-  with pytest.raises(FileNotFoundError, match="no TFRecord files"):
-    batching.read_tfrecord_records([str(tmp_path / "none-*")])

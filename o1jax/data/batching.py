@@ -1,6 +1,8 @@
 """Training records -> fixed-shape host batches of the shared contract (this process's rows only).
 
-A record is a mapping {query_id, query, thought, positives, negatives[, positive_scores, negative_scores]}.
+A record is a mapping {query_id, query, thought, positives, negatives[, positive_scores, negative_scores]};
+`records` is any sequence with `len()` and `records[i]`: a list, or `o1jax.data.pipeline.TFRecordSource`,
+which reads each record from its shard on demand.
 Batch `i` is a pure function of (records, spec, i): epoch e = i // steps_per_epoch takes a permutation seeded by
 (seed, e), and each example draws its positive, its negatives and its thought drop from an RNG seeded by
 (seed, e, record index). So the data position is one integer, resume continues at the exact same example, and
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 import dataclasses
-import glob
 import queue
 import threading
 from typing import Any
@@ -23,7 +24,6 @@ from typing import Any
 import numpy as np
 
 from o1jax import templates
-from o1jax.data import tfrecord
 from o1jax.tokenizer import SpecialIds
 
 Record = Mapping[str, Any]
@@ -171,22 +171,3 @@ class Prefetcher:
     self._stop.set()
     self._thread.join()
 
-
-def read_tfrecord_records(patterns: Sequence[str]) -> list[dict[str, Any]]:
-  """Committee-refined TFRecord shards (layout of `data_tools.record`) as batcher records, files in sorted order.
-
-  Only the fields training needs are kept; a record lacking one raises an error naming the file and record.
-  """
-  files = sorted({f for p in patterns for f in glob.glob(p)})
-  if not files:
-    raise FileNotFoundError(f"no TFRecord files match {list(patterns)}")
-  records = []
-  for path in files:
-    for n, features in enumerate(tfrecord.read_examples(path)):
-      for key in ("query_id", "query", "positives"):
-        if not features.get(key):
-          raise ValueError(f"{path}: record {n}: missing feature {key!r}")
-      record = {key: tfrecord.feature_text(features, key) for key in ("positives", "negatives")}
-      record.update({key: (tfrecord.feature_text(features, key) or [""])[0] for key in ("query_id", "query", "thought")})
-      records.append(record)
-  return records

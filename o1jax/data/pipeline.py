@@ -1,0 +1,258 @@
+"""Indexed, streaming source of training records from committee-refined TFRecord shards.
+
+`open_source(entries)` takes glob patterns, file paths and/or `manifest.json` files written by
+`python -m data_tools.synthesize`, and returns a `TFRecordSource`: a sequence whose `len()` and `records[i]`
+are what `o1jax.data.batching.Batcher` needs. Opening scans only the framing headers of every shard (length +
+its CRC, no payload read) into one int64 byte offset per record, so memory is O(records x 8 bytes), not the
+data; `records[i]` then reads that one record with `os.pread` (thread-safe, no shared file position), checks
+its data CRC and decodes it to the batcher's dict {query_id, query, thought, positives, negatives}.
+
+Processes and determinism. `Batcher` defines the global batch `i` from one permutation of *all* records and
+gives each process its own contiguous rows. Every process therefore indexes every shard (16 bytes read per
+record) and reads payloads only for its own rows, so the global batches, the data position saved with
+checkpoints and every loss are the same whatever the number of hosts. A manifest's SHA-256 checks (a full read)
+are the work that is split: shard s is verified by process `s % jax.process_count()`; any mismatch fails the
+job. Per-process shard ownership of the records themselves was rejected: it would make the batches depend on
+the host count and the shard sizes.
+
+Bad input raises `tfrecord.TFRecordError` naming file, record index and byte offset. With `skip_bad=True`
+the index scan also checks every data CRC and leaves out corrupt records (a corrupt header or a truncated tail
+ends that file's index, as no later boundary can be trusted); `source.skipped` lists what was left out.
+"""
+from __future__ import annotations
+
+import array
+from collections.abc import Iterable, Sequence
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import pathlib
+from typing import Any
+import weakref
+
+import numpy as np
+from google.protobuf import message as pb_message
+
+from o1jax.data import tfrecord
+
+# The framing constants live in tfrecord.py as private names (a public accessor is requested from its owner).
+_HEADER = tfrecord._HEADER  # pylint: disable=protected-access
+_FOOTER = tfrecord._FOOTER  # pylint: disable=protected-access
+_REQUIRED = ("query_id", "query", "positives")
+_SHARD_FIELDS = ("shard", "file", "num_records", "sha256")  # of each manifest entry
+
+
+class ManifestError(ValueError):
+  """A manifest that does not describe the files next to it; names the manifest, the shard and the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+  """A record (or, for a corrupt header / truncated tail, the rest of a file) left out under skip_bad."""
+  path: str
+  index: int
+  offset: int
+  problem: str
+
+  def __str__(self) -> str:
+    return f"{self.path}: record {self.index} at byte offset {self.offset}: {self.problem}"
+
+
+def _scan(path: str, fd: int, skip_bad: bool, skipped: list[Skipped]) -> np.ndarray:
+  """Byte offsets of the records of one file, from its framing headers (and data CRCs under skip_bad)."""
+  size = os.fstat(fd).st_size
+  offsets = array.array("q")
+  offset, index = 0, 0
+  while offset < size:
+    header = os.pread(fd, _HEADER.size, offset)
+    problem = None
+    if len(header) < _HEADER.size:
+      problem = f"truncated header ({len(header)} of {_HEADER.size} bytes)"
+    else:
+      length, length_crc = _HEADER.unpack(header)
+      end = offset + _HEADER.size + length + _FOOTER.size
+      if tfrecord.masked_crc32c(header[:8]) != length_crc:
+        problem = "length CRC mismatch (corrupt header)"
+      elif end > size:
+        problem = f"truncated record (expected {length} data bytes plus a 4-byte CRC, file ends at {size})"
+    if problem is not None:
+      if not skip_bad:
+        raise tfrecord.TFRecordError(path, index, offset, problem)
+      skipped.append(Skipped(path, index, offset, problem + "; rest of the file skipped"))
+      break
+    if skip_bad and not _data_crc_ok(fd, offset, length):
+      skipped.append(Skipped(path, index, offset, "data CRC mismatch (corrupt record)"))
+    else:
+      offsets.append(offset)
+    offset, index = end, index + 1
+  return np.frombuffer(offsets, np.int64) if offsets else np.zeros(0, np.int64)
+
+
+def _data_crc_ok(fd: int, offset: int, length: int) -> bool:
+  body = os.pread(fd, length + _FOOTER.size, offset + _HEADER.size)
+  return tfrecord.masked_crc32c(body[:length]) == _FOOTER.unpack(body[length:])[0]
+
+
+def _close_all(fds: list[int]) -> None:
+  for fd in fds:
+    os.close(fd)
+
+
+class TFRecordSource(Sequence):
+  """Random access to the training records of TFRecord files, in file order then record order."""
+
+  def __init__(self, files: Sequence[str | os.PathLike], skip_bad: bool = False):
+    if not files:
+      raise FileNotFoundError("no TFRecord files given")
+    self.files = [os.fspath(f) for f in files]
+    self.skipped: list[Skipped] = []
+    self._fds: list[int] = []
+    # Closes the files when the source is garbage collected, even if close() is never called.
+    self._finalizer = weakref.finalize(self, _close_all, self._fds)
+    self._offsets = []
+    for path in self.files:
+      self._fds.append(os.open(path, os.O_RDONLY))
+      self._offsets.append(_scan(path, self._fds[-1], skip_bad, self.skipped))
+    self._starts = np.cumsum([0] + [len(o) for o in self._offsets])
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  @property
+  def index_nbytes(self) -> int:
+    """Host memory of the index: one int64 offset per record."""
+    return sum(o.nbytes for o in self._offsets)
+
+  def counts(self) -> list[int]:
+    """Records indexed per file."""
+    return [len(o) for o in self._offsets]
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    if not -len(self) <= i < len(self):
+      raise IndexError(f"record {i} out of range: {len(self)} records")
+    i %= len(self)
+    shard = int(np.searchsorted(self._starts, i, side="right")) - 1
+    local = i - int(self._starts[shard])
+    return self._read(shard, local, int(self._offsets[shard][local]))
+
+  def _read(self, shard: int, index: int, offset: int) -> dict[str, Any]:
+    path, fd = self.files[shard], self._fds[shard]
+    header = os.pread(fd, _HEADER.size, offset)
+    length, length_crc = _HEADER.unpack(header)
+    if tfrecord.masked_crc32c(header[:8]) != length_crc:  # the file changed since it was indexed
+      raise tfrecord.TFRecordError(path, index, offset, "length CRC mismatch (corrupt header)")
+    body = os.pread(fd, length + _FOOTER.size, offset + _HEADER.size)
+    if len(body) < length + _FOOTER.size:
+      raise tfrecord.TFRecordError(path, index, offset, "truncated record (the file shrank since it was indexed)")
+    data = body[:length]
+    if tfrecord.masked_crc32c(data) != _FOOTER.unpack(body[length:])[0]:
+      raise tfrecord.TFRecordError(path, index, offset, "data CRC mismatch (corrupt record)")
+    try:
+      features = tfrecord.decode_example(data)
+    except pb_message.DecodeError as e:
+      raise tfrecord.TFRecordError(path, index, offset, f"not a tf.train.Example ({e})") from e
+    for key in _REQUIRED:
+      if not features.get(key):
+        raise tfrecord.TFRecordError(path, index, offset, f"missing feature {key!r}")
+    try:
+      record = {key: tfrecord.feature_text(features, key) for key in ("positives", "negatives")}
+      for key in ("query_id", "query", "thought"):
+        record[key] = (tfrecord.feature_text(features, key) or [""])[0]
+    except (UnicodeDecodeError, AttributeError) as e:
+      raise tfrecord.TFRecordError(path, index, offset, f"a text feature is not UTF-8 bytes ({e})") from e
+    return record
+
+  def close(self) -> None:
+    self._finalizer()
+
+  def __enter__(self) -> TFRecordSource:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _manifest_shards(manifest: pathlib.Path) -> list[dict[str, Any]]:
+  """The shard entries of a synthesize manifest, checked for a complete, consistent shard set."""
+  try:
+    content = json.loads(manifest.read_text())
+  except (OSError, ValueError) as e:
+    raise ManifestError(f"{manifest}: cannot read the manifest ({e})") from e
+  if not isinstance(content, dict) or not isinstance(content.get("shards"), list) or \
+      not isinstance(content.get("num_shards"), int):
+    raise ManifestError(f"{manifest}: expected an object with 'num_shards' (int) and 'shards' (list)")
+  shards = content["shards"]
+  for n, s in enumerate(shards):
+    missing = [k for k in _SHARD_FIELDS if not isinstance(s, dict) or k not in s]
+    if missing:
+      raise ManifestError(f"{manifest}: shards[{n}]: missing field(s) {missing}")
+  numbers = sorted(s["shard"] for s in shards)
+  if numbers != list(range(content["num_shards"])):
+    raise ManifestError(f"{manifest}: num_shards={content['num_shards']} but the listed shards are {numbers}")
+  if content.get("num_records") is not None and content["num_records"] != sum(s["num_records"] for s in shards):
+    raise ManifestError(f"{manifest}: num_records={content['num_records']} is not the sum of the shard counts")
+  return sorted(shards, key=lambda s: s["shard"])
+
+
+def _sha256(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 20):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _check_manifest_files(manifest: pathlib.Path, shards: list[dict[str, Any]], process_index: int,
+                          process_count: int) -> list[str]:
+  """Paths of the shards; raises ManifestError for a missing shard or (on its verifying process) a bad SHA-256."""
+  paths = []
+  for s in shards:
+    path = manifest.parent / s["file"]
+    if not path.is_file():
+      raise ManifestError(f"{manifest}: shard {s['shard']}: file {path} is missing")
+    if s["shard"] % process_count == process_index:
+      digest = _sha256(path)
+      if digest != s["sha256"]:
+        raise ManifestError(f"{manifest}: shard {s['shard']}: {path} has SHA-256 {digest}, the manifest lists "
+                            f"{s['sha256']}")
+    paths.append(str(path))
+  return paths
+
+
+def _expand(entry: str) -> list[str]:
+  if glob.has_magic(entry):
+    matches = sorted(glob.glob(entry))
+    if not matches:
+      raise FileNotFoundError(f"no TFRecord files match {entry!r}")
+    return matches
+  if not os.path.isfile(entry):
+    raise FileNotFoundError(f"TFRecord file {entry!r} not found")
+  return [entry]
+
+
+def open_source(entries: Iterable[str | os.PathLike], skip_bad: bool = False, process_index: int = 0,
+                process_count: int = 1) -> TFRecordSource:
+  """The records of every entry in order: a `manifest.json` (its shards in shard order, verified), a glob
+  pattern (matches sorted) or a file. A file named twice is read once."""
+  files: dict[str, None] = {}
+  manifests = []
+  for entry in map(os.fspath, entries):
+    if entry.endswith(".json"):
+      manifest = pathlib.Path(entry)
+      shards = _manifest_shards(manifest)
+      manifests.append((manifest, shards))
+      files.update(dict.fromkeys(_check_manifest_files(manifest, shards, process_index, process_count)))
+    else:
+      files.update(dict.fromkeys(_expand(entry)))
+  source = TFRecordSource(list(files), skip_bad)
+  counts = dict(zip(source.files, source.counts()))
+  for manifest, shards in manifests:
+    for s in shards:
+      indexed = counts[str(manifest.parent / s["file"])]
+      if indexed != s["num_records"]:
+        source.close()
+        raise ManifestError(f"{manifest}: shard {s['shard']}: {indexed} records in {s['file']}, the manifest "
+                            f"lists {s['num_records']}")
+  return source
