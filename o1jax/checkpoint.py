@@ -110,7 +110,7 @@ def abstract_like(state: Any, shardings: Any) -> Any:
 def _write_atomic(path: epath.Path, data: bytes) -> None:
   tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
   tmp.write_bytes(data)
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def save_run_files(directory: str, config: ml_collections.ConfigDict, model_cfg: ModelConfig,

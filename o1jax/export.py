@@ -16,6 +16,7 @@ import os
 import pathlib
 import shutil
 import sys
+import tempfile
 from typing import Any
 
 import jax
@@ -86,28 +87,20 @@ def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | 
   if dtype not in DTYPES:
     raise ValueError(f"dtype={dtype!r}; expected one of {', '.join(DTYPES)}")
   out = pathlib.Path(out_dir)
+  out.parent.mkdir(parents=True, exist_ok=True)
   if out.exists() and not overwrite:
     raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
   model_cfg, params, tokenizer = load_checkpoint_for_inference(ckpt_dir, step)
   model_cfg = model_cfg.replace(param_dtype=dtype)
-  staging = out.parent / f".{out.name}.export-{os.getpid()}"
-  shutil.rmtree(staging, ignore_errors=True)
-  try:
-    save_hf(model_cfg, params, staging, tokenizer=tokenizer)
-    generation_config(model_cfg, thinking).save_pretrained(staging)
+  # Staged next to `out` (same file system, so the final rename is atomic); removed on any failure.
+  with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.export-") as staging:
+    staged = save_hf(model_cfg, params, pathlib.Path(staging) / out.name, tokenizer=tokenizer)
+    generation_config(model_cfg, thinking).save_pretrained(staged)
     facts = model_card.CardFacts.of(model_cfg, tokenizer, thinking, source=str(ckpt_dir))
-    card = model_card.render(facts, path=out.name)
-    (staging / "README.md").write_text(card)
+    (staged / "README.md").write_text(model_card.render(facts, path=out.name))
     if out.exists():
-      old = out.parent / f".{out.name}.old-{os.getpid()}"
-      out.rename(old)
-      staging.rename(out)
-      shutil.rmtree(old)
-    else:
-      staging.rename(out)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
+      shutil.rmtree(out)
+    staged.rename(out)
   return out
 
 
