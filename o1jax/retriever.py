@@ -19,6 +19,7 @@ import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -29,6 +30,9 @@ from o1jax.generate import Generator
 from o1jax.model import ModelConfig
 from o1jax.tokenizer import SpecialIds, add_special_tokens, load_tokenizer
 
+# Models up to this size think on one device: token-by-token decoding of FSDP-sharded weights gathers every
+# weight at every step, which costs more than it saves until a model no longer fits one device comfortably.
+ONE_DEVICE_GENERATION_BYTES = 2 * 2**30
 # METHOD §2 evaluation lengths: query text 32 tokens, query + thought 256, documents 512 (all with `<emb>`).
 EVAL_LENGTHS = templates.Lengths(query=32, query_thought=256, doc=512)
 
@@ -70,6 +74,7 @@ def _load(path: pathlib.Path, dtype: str) -> tuple[ModelConfig, Any, Any]:
     raise ValueError(f"{path}: no config.json (not a Hugging Face directory), and o1jax checkpoints need "
                      f"o1jax.export, which is unavailable ({e})") from e
   cfg, params, tokenizer = load_checkpoint_for_inference(str(path))
+  params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params)
   return cfg.replace(dtype=dtype, param_dtype=dtype), params, tokenizer
 
 
@@ -85,7 +90,10 @@ class Retriever:
     self.fingerprint = fingerprint
     self.embedder = SequenceEmbedder(cfg, params, mesh, tokens_per_batch)
     # Stop at the tokenizer's EOS only: it is the token that ends thoughts in training (METHOD §2).
-    self.generator = Generator(cfg, self.embedder.params, eos_ids=(self.special.eos,), pad_id=self.special.pad)
+    generation_params = self.embedder.params
+    if sum(x.nbytes for x in jax.tree.leaves(generation_params)) <= ONE_DEVICE_GENERATION_BYTES:
+      generation_params = jax.device_put(generation_params, self.embedder.mesh.devices.flat[0])
+    self.generator = Generator(cfg, generation_params, eos_ids=(self.special.eos,), pad_id=self.special.pad)
     self.generate_batch = generate_batch
     self._doc_ids: list[str] = []
     self._searcher: search_lib.Searcher | None = None
