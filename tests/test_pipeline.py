@@ -91,6 +91,8 @@ def test_indexed_source_equals_a_sequential_read(dataset):
     assert source.index_nbytes == 8 * len(source)  # the index, not the data, is in memory
     with pytest.raises(IndexError, match="record 32 out of range: 32 records"):
       source[32]
+  with pytest.raises(ValueError, match="from a closed TFRecordSource"):
+    source[0]
   # A glob and the same file named twice give the same records in the same order.
   pattern = str(dataset.parent / "train-*-of-*.tfrecord")
   with pipeline.open_source([pattern, str(shard_path(dataset, 0))]) as by_glob:

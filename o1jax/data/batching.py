@@ -15,10 +15,10 @@ Output (numpy, right-padded, templates of `o1jax.templates`):
 """
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent import futures
 import dataclasses
-import queue
-import threading
 from typing import Any
 
 import numpy as np
@@ -118,9 +118,10 @@ class Batcher:
     order = np.random.default_rng([spec.seed, epoch]).permutation(len(self.records))
     start = within * spec.batch_queries + self.first_query
     examples = [self._example(epoch, int(r)) for r in order[start:start + self.local_queries]]
-    queries = self._tokenize([e[0] for e in examples])
-    thoughts = self._tokenize([e[1] for e in examples])
-    docs = self._tokenize([d for e in examples for d in e[2]])
+    # One tokenizer call per batch: its per-call overhead is a large part of a small batch's cost.
+    n = len(examples)
+    ids = self._tokenize([e[0] for e in examples] + [e[1] for e in examples] + [d for e in examples for d in e[2]])
+    queries, thoughts, docs = ids[:n], ids[n:2 * n], ids[2 * n:]
     seqs, loss_masks = zip(*(templates.query_sequence(q, t, special, spec.lengths) for q, t in zip(queries, thoughts)))
     query_ids, query_mask = templates.pad_right(seqs, spec.lengths.query_thought, special.pad)
     loss_mask, _ = templates.pad_right(loss_masks, spec.lengths.query_thought, 0)
@@ -134,40 +135,32 @@ class Batcher:
 
 
 class Prefetcher:
-  """Iterates `batcher.batch(start), batch(start+1), ...`, computed `depth` ahead on a background thread."""
+  """Iterates `batcher.batch(start), batch(start+1), ...`, built `depth` ahead by `workers` background threads.
 
-  def __init__(self, batcher: Batcher, start: int, depth: int = 2):
-    self._queue: queue.Queue = queue.Queue(maxsize=depth)
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._fill, args=(batcher, start), daemon=True)
-    self._thread.start()
+  A batch is a pure function of its index, so threads may build them in any order; they are yielded in order.
+  The tokenizer (Rust) and file reads release the GIL, so a second thread pays off even in CPython. An error in
+  a batch is re-raised (with its traceback) by the `next()` that reaches it.
+  """
 
-  def _fill(self, batcher: Batcher, i: int) -> None:
-    while not self._stop.is_set():
-      try:
-        item = (batcher.batch(i), None)
-      except Exception as e:  # handed to the consumer, which re-raises it with its traceback
-        item = (None, e)
-      while not self._stop.is_set():
-        try:
-          self._queue.put(item, timeout=0.1)
-          break
-        except queue.Full:
-          continue
-      if item[1] is not None:
-        return
-      i += 1
+  def __init__(self, batcher: Batcher, start: int, depth: int = 4, workers: int = 2):
+    self._batcher, self._next = batcher, start
+    self._pool = futures.ThreadPoolExecutor(workers, thread_name_prefix="batch-prefetch")
+    self._pending = collections.deque(self._submit() for _ in range(depth))
+
+  def _submit(self) -> futures.Future:
+    future = self._pool.submit(self._batcher.batch, self._next)
+    self._next += 1
+    return future
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch, error = self._queue.get()
-    if error is not None:
-      raise error
-    return batch
+    future = self._pending.popleft()
+    self._pending.append(self._submit())
+    return future.result()
 
   def close(self) -> None:
-    self._stop.set()
-    self._thread.join()
-
+    for future in self._pending:
+      future.cancel()
+    self._pool.shutdown(wait=True)

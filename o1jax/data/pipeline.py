@@ -96,8 +96,9 @@ def _data_crc_ok(fd: int, offset: int, length: int) -> bool:
 
 
 def _close_all(fds: list[int]) -> None:
-  for fd in fds:
-    os.close(fd)
+  # Emptied, so a closed source cannot read a descriptor number the OS has since given to another file.
+  while fds:
+    os.close(fds.pop())
 
 
 class TFRecordSource(Sequence):
@@ -138,6 +139,8 @@ class TFRecordSource(Sequence):
     return self._read(shard, local, int(self._offsets[shard][local]))
 
   def _read(self, shard: int, index: int, offset: int) -> dict[str, Any]:
+    if not self._fds:
+      raise ValueError(f"reading record {index} of {self.files[shard]} from a closed TFRecordSource")
     path, fd = self.files[shard], self._fds[shard]
     header = os.pread(fd, _HEADER.size, offset)
     length, length_crc = _HEADER.unpack(header)
