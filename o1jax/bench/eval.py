@@ -1,6 +1,11 @@
-"""Retrieval benchmark: ScaNN vs exact search (QPS, recall@k) and MiniLM corpus encoding docs/s.
+"""Retrieval benchmark: ScaNN vs exact search (QPS, recall@k), corpus encoding docs/s and query latency.
 
   python -m o1jax.bench eval [--dataset=DIR] [--synthetic_docs=100000] [--queries=1000] [--k=100]
+      [--checkpoint=PATH [--latency_queries=20] [--think=3] [--max_new_tokens=128]]
+
+With --checkpoint (an exported HF directory or an o1jax checkpoint), the o1jax model's SciFact corpus encoding
+rate (first pass with compilation, then steady) and the latency of one query at a time, p50/p95, with and
+without thinking, next to MiniLM's encoding rate measured in the same run.
 
 SciFact runs when --dataset or $O1JAX_SHARED points at it; the synthetic corpus is clustered (Gaussian blobs on
 the unit sphere, like real embeddings), since uniform noise has no structure for partitioning to exploit.
@@ -59,6 +64,24 @@ def compare(name: str, docs: np.ndarray, queries: np.ndarray, k: int,
   return result
 
 
+def o1jax_speed(checkpoint: str, texts: list[str], queries: list[str], think: int, max_new_tokens: int) -> None:
+  from o1jax.retriever import Retriever, Sampling
+  retriever = Retriever.from_pretrained(checkpoint, fingerprint=None)  # no cache: time the model
+  first_s = _timed(lambda: retriever.encode_docs(texts))
+  steady_s = _timed(lambda: retriever.encode_docs(texts))
+  print(f"o1jax corpus encoding ({checkpoint}, {retriever.embedder.shards} devices): {len(texts) / steady_s:.1f} "
+        f"docs/s steady, {len(texts) / first_s:.1f} docs/s first pass with compilation ({len(texts)} SciFact docs)")
+  sampling = Sampling(max_new_tokens=max_new_tokens)
+  for k in (0, think):
+    for q in queries:  # warm-up: compile every length bucket these queries land in
+      retriever.encode_queries([q], k, sampling)
+    times = np.array([_timed(lambda q=q: retriever.encode_queries([q], k, sampling, rng=i))
+                      for i, q in enumerate(queries)])
+    label = f"think={k}, max_new_tokens={max_new_tokens}" if k else "no thinking"
+    print(f"  query latency ({label}): p50 {1e3 * np.percentile(times, 50):.1f} ms, "
+          f"p95 {1e3 * np.percentile(times, 95):.1f} ms over {len(queries)} single queries")
+
+
 def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser(prog="python -m o1jax.bench eval", description=__doc__.splitlines()[0])
   shared = os.environ.get("O1JAX_SHARED")
@@ -67,11 +90,18 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--dim", type=int, default=384)
   parser.add_argument("--queries", type=int, default=1000)
   parser.add_argument("--k", type=int, default=100)
-  parser.add_argument("--encode_docs", type=int, default=256, help="docs to time MiniLM encoding on")
+  parser.add_argument("--encode_docs", type=int, default=256, help="docs to time corpus encoding on")
+  parser.add_argument("--checkpoint", help="o1jax model (exported HF dir or o1jax checkpoint) to time")
+  parser.add_argument("--latency_queries", type=int, default=20)
+  parser.add_argument("--think", type=int, default=3)
+  parser.add_argument("--max_new_tokens", type=int, default=128)
+  parser.add_argument("--skip_search", action="store_true", help="only the encoding and latency measurements")
   args = parser.parse_args(argv)
 
-  docs, queries = clustered_corpus(args.synthetic_docs, args.queries, args.dim, clusters=args.synthetic_docs // 100)
-  compare("synthetic clustered", docs, queries, args.k)
+  if not args.skip_search:
+    docs, queries = clustered_corpus(args.synthetic_docs, args.queries, args.dim,
+                                     clusters=args.synthetic_docs // 100)
+    compare("synthetic clustered", docs, queries, args.k)
 
   if not args.dataset:
     print("SciFact skipped: pass --dataset or set O1JAX_SHARED")
@@ -87,5 +117,12 @@ def main(argv: list[str]) -> None:
   encode_s = _timed(lambda: encoder.encode(sample))
   print(f"MiniLM corpus encoding: {len(sample) / encode_s:.1f} docs/s ({len(sample)} SciFact docs, "
         f"max_seq_length {encoder.max_seq_length}, torch CPU)")
+  if args.checkpoint:
+    from o1jax.templates import document_text
+    docs = list(dataset.corpus.values())[:args.encode_docs]
+    o1jax_speed(args.checkpoint, [document_text(d.title, d.text) for d in docs],
+                list(dataset.queries.values())[:args.latency_queries], args.think, args.max_new_tokens)
+  if args.skip_search:
+    return
   compare("SciFact MiniLM", cached_doc_encoder(encoder)(texts), encoder.encode(list(dataset.queries.values())),
           args.k)
