@@ -203,11 +203,15 @@ def test_records_missing_a_feature_and_missing_files_are_named(tmp_path):
   with tfrecord.TFRecordWriter(tmp_path / "bad.tfrecord") as w:
     w.write_example({"query_id": ["x"], "query": ["t0"], "positives": ["t0 e1"]})
     w.write_example({"query_id": ["y"], "query": ["t0"], "positives": []})
+    w.write_example({"query_id": ["z"], "query": [3], "positives": ["t0 e1"]})
   with pipeline.open_source([tmp_path / "bad.tfrecord"]) as source:
     assert source[0]["thought"] == "" and source[0]["negatives"] == []
     with pytest.raises(tfrecord.TFRecordError, match=r"bad.tfrecord: record 1 at byte offset \d+: missing feature "
                                                      r"'positives'"):
       source[1]
+    with pytest.raises(tfrecord.TFRecordError, match=r"record 2 at byte offset \d+: feature 'query' is a int64_list, "
+                                                     r"expected a bytes_list"):
+      source[2]
   with pytest.raises(FileNotFoundError, match="no TFRecord files match"):
     pipeline.open_source([str(tmp_path / "none-*")])
   with pytest.raises(FileNotFoundError, match="not found"):
