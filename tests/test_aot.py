@@ -1,0 +1,155 @@
+"""Ahead-of-time fit report: slice names map to Cloud TPU's chip grids; the report compiles the real train and
+encode steps and its numbers agree with things we did not write (the state's byte count, XLA's FLOP count at
+depth 1 where no loop hides work, the TPU compiler's own out-of-memory verdict); exit 1 when a config cannot fit.
+
+TPU cases need the optional libtpu package (requirements-tpu.txt) and run in subprocesses, so that loading the TPU
+compiler never changes the backends of this test session; the cpu-N path runs on the session's 8 fake devices.
+"""
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from o1jax import aot
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY = f"--config={ROOT / 'configs' / 'tiny_cpu.py'}"
+# Depth 1: XLA's cost analysis counts a while-loop body once, so only a 1-layer scan makes its count comparable.
+ONE_LAYER = "--config.model.arch.num_hidden_layers=1"
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (pip install -r requirements-tpu.txt)")
+
+
+@pytest.mark.parametrize("name, grid, chips", [
+    ("v5p-8", "v5p:2x2x1", 4), ("v5p-64", "v5p:2x4x4", 32), ("v5p-128", "v5p:4x4x4", 64),
+    ("v5p-256", "v5p:4x4x8", 128), ("v4-32", "v4:2x2x4", 16), ("v5e-1", "v5e:1x1", 1), ("v5e-8", "v5e:2x4", 8),
+    ("v5e-256", "v5e:16x16", 256), ("v6e-64", "v6e:8x8", 64), ("v5p:4x4x8", "v5p:4x4x8", 128),
+])
+def test_slice_names_map_to_cloud_tpu_grids(name, grid, chips):
+  _, grid_name, count = aot.tpu_topology_name(name)
+  assert (grid_name, count) == (grid, chips)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("v5p-7", "multiple"), ("v5p-12", "power-of-two"), ("v5p-2", "at least 4 chips"), ("v7x-8", "known TPU"),
+    ("v5e:2x2x2", "2 dimensions"), ("h100-8", "expected a slice name"),
+])
+def test_bad_topology_names(name, message):
+  with pytest.raises(ValueError, match=message):
+    aot.tpu_topology_name(name)
+
+
+def check_report(report: dict, devices: int) -> None:
+  """Fields and their arithmetic for tiny_cpu at depth 1 (16 queries x 4 passages, lengths 16 / 12)."""
+  assert report["devices"] == devices and report["mesh"] == {"data": 1, "fsdp": devices, "tensor": 1}
+  assert report["tokens_per_step"] == 16 * 16 + 64 * 12
+  assert report["layers"] == 1 and report["finetune"] == "full"
+  train, encode = report["steps"]["train_step"], report["steps"]["encode_step"]
+  for step in (train, encode):
+    assert step["total_bytes"] == (step["argument_bytes"] + step["output_bytes"] - step["alias_bytes"]
+                                   + step["temp_bytes"] + step["code_bytes"])
+    assert step["fits"] and not step["error"]
+  # The state (fp32 parameters + two Adam moments) sharded over the devices, at most fully replicated.
+  state_bytes = 3 * 4 * report["params"]
+  assert state_bytes / devices <= train["argument_bytes"] <= state_bytes + 3 * report["tokens_per_step"] * 4
+  assert train["alias_bytes"] > 0  # the donated state is updated in place
+  # Model FLOPs (Trainer.flops_per_step) vs XLA's count of the compiled program: XLA also counts norms, softmax,
+  # the loss and AdamW's elementwise work, a few percent at this width; no remat here.
+  assert 0.95 < train["compiled_flops"] / report["analytic_flops_per_step"] < 1.2
+  assert report["encode_rows"] == 64 and report["encode_length"] == aot.EVAL_DOC_LENGTH
+  assert report["fits"]
+
+
+def test_cpu_devices_report_and_exit_status(tmp_path, capsys):
+  out = tmp_path / "report.json"
+  assert aot.main([TINY, ONE_LAYER, "--topology=cpu-8", f"--json={out}"]) == 0
+  report = json.loads(out.read_text())
+  check_report(report, 8)
+  text = capsys.readouterr().out
+  assert "[train_step]" in text and "[encode_step]" in text and text.rstrip().endswith("FITS")
+  # The same program against 1 MiB per device cannot fit.
+  assert aot.main([TINY, ONE_LAYER, "--topology=cpu-8", "--hbm_gib=0.001", "--encode_rows=8",
+                   "--encode_length=16"]) == 1
+  assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_cpu_topology_must_match_the_process():
+  with pytest.raises(ValueError, match="this process has 8 CPU devices"):
+    aot.resolve_topology("cpu-4")
+
+
+def test_bad_config_exits_2(capsys):
+  assert aot.main([TINY, "--topology=cpu-8", "--config.train.batch_queries=12"]) == 2
+  assert "not divisible by the mesh" in capsys.readouterr().err
+
+
+def subprocess_env() -> dict:
+  """This environment without jax/XLA settings (a TPU process gets its own), this checkout first on the path."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "LIBTPU_"))}
+  return dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
+def run_aot(*args) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "o1jax.aot", *args], cwd=ROOT, capture_output=True, text=True,
+                        env=subprocess_env(), timeout=600)
+
+
+@needs_libtpu
+def test_tpu_slice_devices_match_the_table():
+  code = ("from o1jax import aot\n"
+          "for name in ('v5p-64', 'v5p-128', 'v5e-256', 'v4-8', 'v6e-8'):\n"
+          "  t = aot.resolve_topology(name)\n"
+          "  print(name, len(t.devices), t.chips, t.hbm_bytes_per_device / 2**30, t.devices[0].device_kind)\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env=subprocess_env())
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = {line.split()[0]: line.split(maxsplit=4)[1:] for line in proc.stdout.splitlines()}
+  assert rows["v5p-64"] == ["32", "32", "95.0", "TPU v5"]
+  assert rows["v5p-128"] == ["64", "64", "95.0", "TPU v5"]
+  assert rows["v5e-256"] == ["256", "256", "16.0", "TPU v5 lite"]
+  assert rows["v6e-8"] == ["8", "8", "32.0", "TPU v6 lite"]
+  # v4 exposes one device per TensorCore here: the chip's 32 GiB is split between its two devices.
+  assert rows["v4-8"][:3] == ["8", "4", "16.0"]
+
+
+@needs_libtpu
+def test_tpu_report_fits(tmp_path):
+  out = tmp_path / "report.json"
+  proc = run_aot(TINY, ONE_LAYER, "--topology=v5e-4", f"--json={out}")
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  check_report(report, 4)
+  assert report["topology"] == "v5e-4 (v5e:2x2, TPU v5 lite)" and report["chips"] == 4
+  assert report["hbm_bytes_per_device"] == 16 * 2**30
+  assert math.isclose(report["ideal_step_seconds"], report["analytic_flops_per_step"] / (4 * 197e12))
+  assert "compiled FLOPs" in proc.stdout and proc.stdout.rstrip().endswith("FITS")
+
+
+@needs_libtpu
+def test_tpu_compiler_out_of_memory_exits_1(tmp_path):
+  """2048-token sequences, 4352 of them, without remat: the attention scores alone need ~100 GiB per v5e chip."""
+  out = tmp_path / "report.json"
+  proc = run_aot(TINY, ONE_LAYER, "--topology=v5e-4", "--config.train.batch_queries=256",
+                 "--config.train.group_size=16", "--config.train.lengths.doc=2048",
+                 "--config.train.lengths.query_thought=2048", "--encode_rows=64", "--encode_length=64",
+                 f"--json={out}")
+  assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
+  train = json.loads(out.read_text())["steps"]["train_step"]
+  assert not train["fits"] and "RESOURCE_EXHAUSTED" in train["error"]
+  assert train["total_bytes"] > 16 * 2**30  # what the compiler says the program needs
+  assert "DOES NOT FIT: the compiler ran out of memory" in proc.stdout
+
+
+def test_libtpu_is_pinned_in_the_tpu_extra():
+  lines = [l for l in (ROOT / "requirements-tpu.txt").read_text().splitlines() if l and not l.startswith("#")]
+  assert lines == ["libtpu==0.0.42.1"]
+  if HAS_LIBTPU:
+    assert importlib.metadata.version("libtpu") == "0.0.42.1"
+  assert jax.__version__ == "0.10.2"  # the jax whose [tpu] extra pins libtpu 0.0.42.*
