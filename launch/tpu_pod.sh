@@ -10,6 +10,7 @@
 #           session), with the preset's LIBTPU_INIT_ARGS; each worker logs to ~/WORKDIR/logs/RUN/<hostname>.log
 #   logs    copy every worker's logs/RUN/*.log to ./logs/RUN/ here
 #   stop    SIGTERM the trainers: they save a checkpoint and exit (config.checkpoint.dir, e.g. gs://...)
+#   exec    run the command after -- on every worker, in ~/WORKDIR (e.g. copy weights and data to local disk)
 #
 # Every worker runs the same command; jax.distributed.initialize() (o1jax.sharding.initialize_distributed) finds
 # the other workers because TPU_WORKER_HOSTNAMES lists them: the slice's internal IPs, from
@@ -28,14 +29,14 @@ while [[ $# -gt 0 ]]; do
     --run=*) run="${1#*=}" ;;
     --hosts=*) hosts="${1#*=}" ;;
     --dry-run) export O1_DRY_RUN=1 ;;
-    setup|train|logs|stop) action="$1" ;;
+    setup|train|logs|stop|exec) action="$1" ;;
     --) shift; break ;;
     *) echo "tpu_pod.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
 done
 [[ -n "$tpu" && -n "$zone" ]] || { echo "tpu_pod.sh: --tpu=NAME and --zone=ZONE are required" >&2; exit 2; }
-[[ -n "$action" ]] || { echo "tpu_pod.sh: give an action: setup, train, logs or stop" >&2; exit 2; }
+[[ -n "$action" ]] || { echo "tpu_pod.sh: give an action: setup, train, logs, stop or exec" >&2; exit 2; }
 run="${run:-${O1_RUN:-run}}"
 gcloud_tpu=(gcloud compute tpus tpu-vm)
 where=("--zone=$zone")
@@ -77,5 +78,10 @@ echo \$! > logs/$run/\$(hostname).pid"
     ;;
   stop)
     on_all_workers "kill -TERM \$(cat $workdir/logs/$run/*.pid)"
+    ;;
+  exec)
+    [[ $# -gt 0 ]] || { echo "tpu_pod.sh exec: no command after --" >&2; exit 2; }
+    command="$(printf '%q ' "$@")"
+    on_all_workers "cd $workdir && ${command% }"
     ;;
 esac

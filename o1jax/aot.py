@@ -202,7 +202,7 @@ class StepReport:
 
 def _out_of_memory(error: Exception) -> bool:
   text = str(error)
-  return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "out of memory" in text.lower()
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
 def compile_report(name: str, lower, hbm_bytes: float, devices: int) -> StepReport:
@@ -249,8 +249,8 @@ def fit_report(config: Any, topology: Topology, encode_rows: int | None = None,
     with trainer._context():  # pylint: disable=protected-access
       return trainer._embed.lower(trainable, *encode_batch)  # pylint: disable=protected-access
 
-  train = compile_report("train_step", lambda: trainer.lower_step(state, batch), topology.hbm_bytes_per_device, n)
-  encode = compile_report("encode_step", lower_encode, topology.hbm_bytes_per_device, n)
+  steps = (compile_report("train_step", lambda: trainer.lower_step(state, batch), topology.hbm_bytes_per_device, n),
+           compile_report("encode_step", lower_encode, topology.hbm_bytes_per_device, n))
   analytic = trainer.flops_per_step({k: v.shape for k, v in batch.items()})
   tokens = sum(math.prod(v.shape) for k, v in batch.items() if k.endswith("_ids"))
   params = sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state["params"]))
@@ -268,8 +268,8 @@ def fit_report(config: Any, topology: Topology, encode_rows: int | None = None,
       # Step time if every chip ran the analytic FLOPs at its dense bf16 peak: the 100%-MFU bound.
       "ideal_step_seconds": analytic / (peak * topology.chips) if peak else None,
       "encode_rows": encode_rows, "encode_length": encode_length,
-      "steps": {r.name: dataclasses.asdict(r) for r in (train, encode)},
-      "fits": train.fits and encode.fits,
+      "steps": {r.name: dataclasses.asdict(r) for r in steps},
+      "fits": all(r.fits for r in steps),
   }
 
 

@@ -177,10 +177,18 @@ def test_tpu_pod_setup_logs_stop_dry_runs():
   assert stop[-1] == "--command=kill -TERM $(cat o1jax/logs/m7/*.pid)"
 
 
+def test_tpu_pod_exec_runs_one_command_on_every_worker():
+  (ssh,) = commands(tpu_dry_run("exec", "--", "gcloud", "storage", "cp", "-r", "gs://b/Mistral 7B", "/mnt/m7").stdout)
+  assert "--worker=all" in ssh
+  remote = ssh[-1].removeprefix("--command=")
+  assert shlex.split(remote) == ["cd", "o1jax", "&&", "gcloud", "storage", "cp", "-r", "gs://b/Mistral 7B", "/mnt/m7"]
+
+
 def test_tpu_pod_rejects_incomplete_command_lines():
   assert run("bash", "launch/tpu_pod.sh", "--dry-run", "--zone=z", "train", "--", "--config=x").returncode == 2
   assert tpu_dry_run("--", "--config=x").returncode == 2  # no action
   assert tpu_dry_run("train").returncode == 2  # no trainer arguments
+  assert tpu_dry_run("exec").returncode == 2  # no command
   assert tpu_dry_run("--hosts=a,b", "--preset=nope", "train", "--", "--config=x").returncode == 2
 
 
