@@ -39,8 +39,6 @@ from tensorflow_datasets.proto import tf_example_generated_pb2 as example_pb2
 from o1jax.data import tfrecord
 
 # The framing constants live in tfrecord.py as private names (a public accessor is requested from its owner).
-_HEADER = tfrecord._HEADER  # pylint: disable=protected-access
-_FOOTER = tfrecord._FOOTER  # pylint: disable=protected-access
 _TEXT_FIELDS = ("query_id", "query", "thought", "positives", "negatives")
 _REQUIRED = ("query_id", "query", "positives")
 _SHARD_FIELDS = ("shard", "file", "num_records", "sha256")  # of each manifest entry
@@ -68,13 +66,13 @@ def _scan(path: str, fd: int, skip_bad: bool, skipped: list[Skipped]) -> np.ndar
   offsets = array.array("q")
   offset, index = 0, 0
   while offset < size:
-    header = os.pread(fd, _HEADER.size, offset)
+    header = os.pread(fd, tfrecord.HEADER.size, offset)
     problem = None
-    if len(header) < _HEADER.size:
-      problem = f"truncated header ({len(header)} of {_HEADER.size} bytes)"
+    if len(header) < tfrecord.HEADER.size:
+      problem = f"truncated header ({len(header)} of {tfrecord.HEADER.size} bytes)"
     else:
-      length, length_crc = _HEADER.unpack(header)
-      end = offset + _HEADER.size + length + _FOOTER.size
+      length, length_crc = tfrecord.HEADER.unpack(header)
+      end = offset + tfrecord.HEADER.size + length + tfrecord.FOOTER.size
       if tfrecord.masked_crc32c(header[:8]) != length_crc:
         problem = "length CRC mismatch (corrupt header)"
       elif end > size:
@@ -93,8 +91,8 @@ def _scan(path: str, fd: int, skip_bad: bool, skipped: list[Skipped]) -> np.ndar
 
 
 def _data_crc_ok(fd: int, offset: int, length: int) -> bool:
-  body = os.pread(fd, length + _FOOTER.size, offset + _HEADER.size)
-  return tfrecord.masked_crc32c(body[:length]) == _FOOTER.unpack(body[length:])[0]
+  body = os.pread(fd, length + tfrecord.FOOTER.size, offset + tfrecord.HEADER.size)
+  return tfrecord.masked_crc32c(body[:length]) == tfrecord.FOOTER.unpack(body[length:])[0]
 
 
 def _close_all(fds: list[int]) -> None:
@@ -144,15 +142,15 @@ class TFRecordSource(Sequence):
     if not self._fds:
       raise ValueError(f"reading record {index} of {self.files[shard]} from a closed TFRecordSource")
     path, fd = self.files[shard], self._fds[shard]
-    header = os.pread(fd, _HEADER.size, offset)
-    length, length_crc = _HEADER.unpack(header)
+    header = os.pread(fd, tfrecord.HEADER.size, offset)
+    length, length_crc = tfrecord.HEADER.unpack(header)
     if tfrecord.masked_crc32c(header[:8]) != length_crc:  # the file changed since it was indexed
       raise tfrecord.TFRecordError(path, index, offset, "length CRC mismatch (corrupt header)")
-    body = os.pread(fd, length + _FOOTER.size, offset + _HEADER.size)
-    if len(body) < length + _FOOTER.size:
+    body = os.pread(fd, length + tfrecord.FOOTER.size, offset + tfrecord.HEADER.size)
+    if len(body) < length + tfrecord.FOOTER.size:
       raise tfrecord.TFRecordError(path, index, offset, "truncated record (the file shrank since it was indexed)")
     data = body[:length]
-    if tfrecord.masked_crc32c(data) != _FOOTER.unpack(body[length:])[0]:
+    if tfrecord.masked_crc32c(data) != tfrecord.FOOTER.unpack(body[length:])[0]:
       raise tfrecord.TFRecordError(path, index, offset, "data CRC mismatch (corrupt record)")
     # Only the text features training needs are converted (3x faster than decoding the whole Example).
     try:

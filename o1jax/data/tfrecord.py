@@ -21,8 +21,8 @@ import numpy as np
 from tensorflow_datasets.proto import tf_example_generated_pb2 as example_pb2
 
 _MASK_DELTA = 0xA282EAD8
-_HEADER = struct.Struct("<QI")  # length, masked crc of the 8 length bytes
-_FOOTER = struct.Struct("<I")  # masked crc of the data
+HEADER = struct.Struct("<QI")  # length, masked crc of the 8 length bytes
+FOOTER = struct.Struct("<I")  # masked crc of the data
 
 PathLike = Union[str, os.PathLike]
 FeatureValue = Union[Sequence[str], Sequence[bytes], Sequence[int], Sequence[float], np.ndarray]
@@ -46,7 +46,7 @@ def masked_crc32c(data: bytes) -> int:
 def frame_record(data: bytes) -> bytes:
   """One record in TFRecord framing."""
   length = struct.pack("<Q", len(data))
-  return length + struct.pack("<I", masked_crc32c(length)) + data + _FOOTER.pack(masked_crc32c(data))
+  return length + struct.pack("<I", masked_crc32c(length)) + data + FOOTER.pack(masked_crc32c(data))
 
 
 class TFRecordWriter:
@@ -103,24 +103,24 @@ def read_records(path: PathLike) -> Iterator[bytes]:
   with open(path, "rb") as f:
     index, offset = 0, 0
     while True:
-      header = f.read(_HEADER.size)
+      header = f.read(HEADER.size)
       if not header:
         return
-      if len(header) < _HEADER.size:
-        raise TFRecordError(path, index, offset, f"truncated header ({len(header)} of {_HEADER.size} bytes)")
-      length, length_crc = _HEADER.unpack(header)
+      if len(header) < HEADER.size:
+        raise TFRecordError(path, index, offset, f"truncated header ({len(header)} of {HEADER.size} bytes)")
+      length, length_crc = HEADER.unpack(header)
       if masked_crc32c(header[:8]) != length_crc:
         raise TFRecordError(path, index, offset, "length CRC mismatch (corrupt header)")
       data = f.read(length)
-      footer = f.read(_FOOTER.size)
-      if len(data) < length or len(footer) < _FOOTER.size:
+      footer = f.read(FOOTER.size)
+      if len(data) < length or len(footer) < FOOTER.size:
         raise TFRecordError(path, index, offset,
                             f"truncated record (expected {length} data bytes plus a 4-byte CRC)")
-      if masked_crc32c(data) != _FOOTER.unpack(footer)[0]:
+      if masked_crc32c(data) != FOOTER.unpack(footer)[0]:
         raise TFRecordError(path, index, offset, "data CRC mismatch (corrupt record)")
       yield data
       index += 1
-      offset += _HEADER.size + length + _FOOTER.size
+      offset += HEADER.size + length + FOOTER.size
 
 
 def count_records(path: PathLike) -> int:
@@ -188,7 +188,7 @@ def read_examples(path: PathLike) -> Iterator[dict[str, DecodedFeature]]:
       yield decode_example(data)
     except pb_message.DecodeError as e:
       raise TFRecordError(path, index, offset, f"not a tf.train.Example ({e})") from e
-    offset += _HEADER.size + len(data) + _FOOTER.size
+    offset += HEADER.size + len(data) + FOOTER.size
 
 
 def feature_text(features: Mapping[str, DecodedFeature], key: str) -> list[str]:
