@@ -38,7 +38,6 @@ from tensorflow_datasets.proto import tf_example_generated_pb2 as example_pb2
 
 from o1jax.data import tfrecord
 
-# The framing constants live in tfrecord.py as private names (a public accessor is requested from its owner).
 _TEXT_FIELDS = ("query_id", "query", "thought", "positives", "negatives")
 _REQUIRED = ("query_id", "query", "positives")
 _SHARD_FIELDS = ("shard", "file", "num_records", "sha256")  # of each manifest entry
