@@ -23,16 +23,40 @@ def bucket(n: int, minimum: int = 1) -> int:
   return 1 << (max(n, minimum) - 1).bit_length()
 
 
+# Nucleus candidates taken with top_k before falling back to a full sort of the vocabulary.
+TOP_P_CANDIDATES = 256
+
+
+def _nucleus_threshold(sorted_logits, log_norm, top_p):
+  """The smallest logit kept: a token stays when the mass strictly before it (in descending order) is below top_p.
+
+  Returns the threshold [B, 1] and whether the given candidates hold enough mass to decide it."""
+  probs = jnp.exp(sorted_logits - log_norm)
+  before = jnp.cumsum(probs, axis=-1) - probs
+  keep = before < top_p
+  decided = jnp.all(before[..., -1:] + probs[..., -1:] >= top_p) | (sorted_logits.shape[-1] == 1)
+  return jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True), decided
+
+
+def top_p_filter(logits: jnp.ndarray, top_p) -> jnp.ndarray:
+  """Logits outside the smallest set of most likely tokens with mass >= top_p set to -inf (transformers' rule).
+
+  The nucleus is found among the TOP_P_CANDIDATES most likely tokens (a top_k, cheap) and only when those do not
+  hold top_p of the mass, by sorting the whole vocabulary (a sort per decode step dominates small models on CPU).
+  """
+  log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+  candidates = jax.lax.top_k(logits, min(TOP_P_CANDIDATES, logits.shape[-1]))[0]
+  threshold, decided = _nucleus_threshold(candidates, log_norm, top_p)
+  threshold = jax.lax.cond(
+      decided, lambda: threshold,
+      lambda: _nucleus_threshold(jnp.sort(logits, axis=-1)[..., ::-1], log_norm, top_p)[0])
+  return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
 def sample_token(logits: jnp.ndarray, key: jax.Array, temperature, top_p) -> jnp.ndarray:
-  """Samples from softmax(logits / temperature) restricted to the smallest set of tokens with mass >= top_p."""
-  logits = logits.astype(jnp.float32) / temperature
-  sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-  sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
-  # A token stays when the mass strictly before it is below top_p; the most likely token always stays.
-  keep = (jnp.cumsum(sorted_probs, axis=-1) - sorted_probs) < top_p
-  threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-  logits = jnp.where(logits >= threshold, logits, -jnp.inf)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  """Samples from softmax(logits / temperature) restricted to the top_p nucleus."""
+  filtered = top_p_filter(logits.astype(jnp.float32) / temperature, top_p)
+  return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy"))

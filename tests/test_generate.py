@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from o1jax.generate import Generator, bucket, generate_padded, sample_token
+from o1jax.generate import TOP_P_CANDIDATES, Generator, bucket, generate_padded, top_p_filter
 from o1jax.model import Decoder, ModelConfig, init_params
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -80,14 +80,15 @@ def test_sampling_is_seeded_and_top_p_matches_transformers():
   with pytest.raises(ValueError, match="PRNG key"):
     gen.generate(prompts, max_new_tokens=2, temperature=1.0)
 
-  # The support our sampler can draw from equals the tokens transformers' TopPLogitsWarper keeps.
-  logits = np.random.default_rng(0).normal(size=(4, 50)).astype(np.float32) * 3
-  for top_p in (0.1, 0.5, 0.9):
+  # The nucleus equals the tokens transformers' TopPLogitsWarper keeps. 50 tokens: the top_k candidates are the
+  # whole vocabulary; 600 tokens at scale 1: the nucleus outgrows the candidates and the full sort decides;
+  # 600 tokens at scale 6: the candidates decide.
+  filter_jit = jax.jit(top_p_filter)
+  nucleus_sizes = {}
+  for vocab, scale, top_p in ((50, 3, 0.1), (50, 3, 0.5), (50, 3, 0.9), (600, 1, 0.9), (600, 6, 0.9)):
+    logits = np.random.default_rng(vocab * scale).normal(size=(4, vocab)).astype(np.float32) * scale
     kept_ref = np.isfinite(TopPLogitsWarper(top_p)(None, torch.tensor(logits)).numpy())
-    draws = jax.vmap(lambda k: sample_token(jnp.asarray(logits), k, 1.0, top_p))(
-        jax.random.split(jax.random.key(0), 2000))
-    drawn = np.zeros_like(kept_ref)
-    for row in range(4):
-      drawn[row, np.unique(np.asarray(draws[:, row]))] = True
-    assert not (drawn & ~kept_ref).any()  # never outside the nucleus
-    assert (drawn == kept_ref).mean() > 0.97  # and (nearly) all of it is reachable in 2000 draws
+    kept = np.isfinite(np.asarray(filter_jit(jnp.asarray(logits), top_p)))
+    np.testing.assert_array_equal(kept, kept_ref, err_msg=f"vocab={vocab} scale={scale} top_p={top_p}")
+    nucleus_sizes[vocab, scale] = kept_ref.sum(-1)
+  assert (nucleus_sizes[600, 1] > TOP_P_CANDIDATES).all() and (nucleus_sizes[600, 6] < TOP_P_CANDIDATES).all()
