@@ -70,7 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
   )
   c.optim = dict(lr=1e-4, warmup_frac=0.1, warmup="log", decay="linear", weight_decay=0.0, b1=0.9, b2=0.999,
                  eps=1e-8, clip_norm=1.0)
-  c.data = dict(kind="synthetic", train_files=(), shuffle_seed=0,
+  # skip_bad: leave out corrupt TFRecord records (each reported at start-up) instead of stopping at the first.
+  c.data = dict(kind="synthetic", train_files=(), shuffle_seed=0, skip_bad=False,
                 synthetic={f.name: f.default for f in dataclasses.fields(SyntheticSpec)})
   c.checkpoint = dict(dir="", every=100, keep=3, async_save=True)
   c.log = dict(every=10, tensorboard_dir="", jsonl="")  # jsonl: every logged step's metrics, one JSON per line

@@ -41,8 +41,11 @@ def load_records(config) -> Sequence[dict]:
   """The training records: generated, or indexed TFRecord shards read on demand (globs or manifest.json)."""
   if config.data.kind == "synthetic":
     return synthetic.make_records(synthetic.SyntheticSpec(**config.data.synthetic))
-  return pipeline.open_source(config.data.train_files, process_index=jax.process_index(),
-                              process_count=jax.process_count())
+  source = pipeline.open_source(config.data.train_files, skip_bad=config.data.skip_bad,
+                                process_index=jax.process_index(), process_count=jax.process_count())
+  for skipped in source.skipped:
+    logging.warning("skipped a bad training record: %s", skipped)
+  return source
 
 
 def main(argv: list[str]) -> list[dict[str, float]]:

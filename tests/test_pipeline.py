@@ -6,9 +6,11 @@ built directly (no LLM): the synthetic world's records in the `data_tools.record
 """
 import argparse
 import json
+import logging
 import pathlib
 import shutil
 
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -197,6 +199,20 @@ def test_bad_crc_and_truncation_are_named_or_skipped_and_counted(dataset, copy):
     pipeline.open_source([cut])
   with pipeline.open_source([cut], skip_bad=True) as source:
     assert len(source) == 9 and "truncated record" in str(source.skipped[0])
+
+
+def test_train_reads_skip_bad_from_the_config(copy, caplog):
+  path = shard_path(copy, 2)
+  offsets = record_offsets(path)
+  corrupt_byte(path, offsets[1] + 12 + 3)  # record 1's payload
+  config = ml_collections.ConfigDict({"data": {"kind": "tfrecord", "train_files": [str(path)], "skip_bad": False}})
+  with pytest.raises(tfrecord.TFRecordError, match="record 1 at byte offset"):
+    list(train.load_records(config))
+  config.data.skip_bad = True
+  with caplog.at_level(logging.WARNING):
+    source = train.load_records(config)
+  assert len(source) == len(offsets) - 1
+  assert f"skipped a bad training record: {path}: record 1 at byte offset {offsets[1]}" in caplog.text
 
 
 def test_records_missing_a_feature_and_missing_files_are_named(tmp_path):
