@@ -216,3 +216,26 @@ def test_slurm_user_flags_follow_the_preset():
   proc = run("bash", "launch/slurm.sbatch", "--config=x",
              env=clean_env(O1_DRY_RUN="1", O1_PRESET="cpu", XLA_FLAGS="--xla_dump_to=/tmp/d"))
   assert commands(proc.stdout)[0] == ["export", "XLA_FLAGS=--xla_cpu_multi_thread_eigen=false --xla_dump_to=/tmp/d"]
+
+
+def readme_commands(prefix: str) -> list[str]:
+  """Commands of launch/README.md's code blocks that start with `prefix` (continuation lines joined)."""
+  text = (LAUNCH / "README.md").read_text()
+  blocks = text.split("```")[1::2]
+  lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+  return [line.split("  #")[0].strip() for line in lines if line.startswith(prefix)]
+
+
+def test_readme_launcher_examples_dry_run():
+  """Every launcher command the README shows is valid for the launcher as it is (run as a dry run)."""
+  examples = readme_commands("launch/") + readme_commands("O1_DRY_RUN=1 bash launch/")
+  # sbatch passes what follows the script to it: the same arguments through the script's own dry run.
+  examples += ["O1_DRY_RUN=1 bash launch/slurm.sbatch" + c.split("launch/slurm.sbatch", 1)[1]
+               for c in readme_commands("sbatch ")]
+  assert len(examples) >= 9
+  for command in examples:
+    script, _, rest = command.partition(" ")
+    dry = f"{script} --dry-run {rest}" if script.startswith("launch/") else command
+    proc = run("bash", "-c", dry)
+    assert proc.returncode == 0, (command, proc.stderr)
+    assert proc.stdout.startswith("+ "), command
