@@ -4,6 +4,9 @@ import pathlib
 
 # Must precede the first jax import anywhere in the test session.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# libtpu (requirements-tpu.txt, for the AOT tests) would otherwise make every jax process here try a TPU first;
+# the AOT tests start their TPU compiles in subprocesses with their own environment.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
