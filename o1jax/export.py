@@ -25,6 +25,7 @@ import transformers
 
 from o1jax import checkpoint, lora, model_card
 from o1jax.convert import save_hf
+from o1jax.generate import Sampling
 from o1jax.model import ModelConfig, init_params
 from o1jax.tokenizer import SpecialIds
 
@@ -32,12 +33,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
-class Thinking:
+class Thinking(Sampling):
   """How queries think at inference (METHOD §6): k sampled thoughts, each embedded, vectors averaged."""
   num_thoughts: int = 3
-  temperature: float = 0.1
-  top_p: float = 0.9
-  max_new_tokens: int = 128
 
 
 def _with_token_ids(cfg: ModelConfig, tokenizer: Any) -> ModelConfig:

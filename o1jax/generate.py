@@ -6,6 +6,7 @@ decode and re-tokenize.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -16,6 +17,14 @@ import numpy as np
 from o1jax.model import Decoder, KVCache, ModelConfig
 
 MIN_PROMPT_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How thoughts are sampled at inference (METHOD §6 defaults)."""
+  temperature: float = 0.1
+  top_p: float = 0.9
+  max_new_tokens: int = 128
 
 
 def bucket(n: int, minimum: int = 1) -> int:

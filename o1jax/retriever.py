@@ -12,7 +12,6 @@ form `<query> q </query> <thought> <emb>`. Documents are `[BOS] title text <emb>
 from __future__ import annotations
 
 from collections.abc import Sequence
-import dataclasses
 import hashlib
 import os
 import pathlib
@@ -26,7 +25,7 @@ from jax.sharding import Mesh
 from o1jax import templates
 from o1jax.eval import embedding_cache, search as search_lib
 from o1jax.eval.embedder import SequenceEmbedder
-from o1jax.generate import Generator
+from o1jax.generate import Generator, Sampling
 from o1jax.model import ModelConfig
 from o1jax.tokenizer import SpecialIds, add_special_tokens, load_tokenizer
 
@@ -35,14 +34,6 @@ from o1jax.tokenizer import SpecialIds, add_special_tokens, load_tokenizer
 ONE_DEVICE_GENERATION_BYTES = 2 * 2**30
 # METHOD §2 evaluation lengths: query text 32 tokens, query + thought 256, documents 512 (all with `<emb>`).
 EVAL_LENGTHS = templates.Lengths(query=32, query_thought=256, doc=512)
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-  """How thoughts are sampled (METHOD §6 defaults)."""
-  temperature: float = 0.1
-  top_p: float = 0.9
-  max_new_tokens: int = 128
 
 
 def _key(rng: jax.Array | int) -> jax.Array:
@@ -135,8 +126,9 @@ class Retriever:
 
   # ---------------------------------------------------------------- thinking and embedding
 
-  def think(self, queries: Sequence[str], k: int = 3, temperature: float = 0.1, top_p: float = 0.9,
-            max_new_tokens: int = 128, rng: jax.Array | int = 0) -> list[list[list[int]]]:
+  def think(self, queries: Sequence[str], k: int = 3, temperature: float = Sampling.temperature,
+            top_p: float = Sampling.top_p, max_new_tokens: int = Sampling.max_new_tokens,
+            rng: jax.Array | int = 0) -> list[list[list[int]]]:
     """`k` sampled thoughts per query, as generated token ids (cut before EOS). Same rng, same thoughts."""
     if k < 1:
       raise ValueError(f"k must be >= 1 thoughts per query, got {k}")

@@ -44,9 +44,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--dataset", required=True, help="BEIR directory (corpus.jsonl[.gz], queries.jsonl, qrels/)")
   p.add_argument("--split", default="test")
   p.add_argument("--think", type=_think, default=3, help="thoughts per query (METHOD: 3), or 'off'")
-  p.add_argument("--temperature", type=float, default=0.1)
-  p.add_argument("--top_p", type=float, default=0.9)
-  p.add_argument("--max_new_tokens", type=int, default=128)
+  p.add_argument("--temperature", type=float, default=Sampling.temperature)
+  p.add_argument("--top_p", type=float, default=Sampling.top_p)
+  p.add_argument("--max_new_tokens", type=int, default=Sampling.max_new_tokens)
   p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same thoughts")
   p.add_argument("--baselines", default="bm25,minilm",
                  help="comma-separated: bm25, minilm, or a sentence-transformers model directory; '' for none")
