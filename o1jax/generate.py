@@ -53,13 +53,18 @@ def top_p_filter(logits: jnp.ndarray, top_p) -> jnp.ndarray:
   The nucleus is found among the TOP_P_CANDIDATES most likely tokens (a top_k, cheap) and only when those do not
   hold top_p of the mass, by sorting the whole vocabulary (a sort per decode step dominates small models on CPU).
   """
-  log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-  candidates = jax.lax.top_k(logits, min(TOP_P_CANDIDATES, logits.shape[-1]))[0]
-  threshold, decided = _nucleus_threshold(candidates, log_norm, top_p)
-  threshold = jax.lax.cond(
-      decided, lambda: threshold,
-      lambda: _nucleus_threshold(jnp.sort(logits, axis=-1)[..., ::-1], log_norm, top_p)[0])
-  return jnp.where(logits >= threshold, logits, -jnp.inf)
+  def nucleus():
+    log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    candidates = jax.lax.top_k(logits, min(TOP_P_CANDIDATES, logits.shape[-1]))[0]
+    threshold, decided = _nucleus_threshold(candidates, log_norm, top_p)
+    threshold = jax.lax.cond(
+        decided, lambda: threshold,
+        lambda: _nucleus_threshold(jnp.sort(logits, axis=-1)[..., ::-1], log_norm, top_p)[0])
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+  # top_p >= 1 keeps every token (transformers skips the warper). Without this branch no candidate set ever
+  # reaches a mass of exactly 1 in float32, so every step would sort the vocabulary and then still cut its tail.
+  return jax.lax.cond(top_p >= 1, lambda: logits, nucleus)
 
 
 def sample_token(logits: jnp.ndarray, key: jax.Array, temperature, top_p) -> jnp.ndarray:

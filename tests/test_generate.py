@@ -85,10 +85,12 @@ def test_sampling_is_seeded_and_top_p_matches_transformers():
   # 600 tokens at scale 6: the candidates decide.
   filter_jit = jax.jit(top_p_filter)
   nucleus_sizes = {}
-  for vocab, scale, top_p in ((50, 3, 0.1), (50, 3, 0.5), (50, 3, 0.9), (600, 1, 0.9), (600, 6, 0.9)):
+  for vocab, scale, top_p in ((50, 3, 0.1), (50, 3, 0.5), (50, 3, 0.9), (600, 1, 0.9), (600, 6, 0.9),
+                               (600, 6, 1.0), (600, 1, 1.0)):
     logits = np.random.default_rng(vocab * scale).normal(size=(4, vocab)).astype(np.float32) * scale
     kept_ref = np.isfinite(TopPLogitsWarper(top_p)(None, torch.tensor(logits)).numpy())
     kept = np.isfinite(np.asarray(filter_jit(jnp.asarray(logits), top_p)))
     np.testing.assert_array_equal(kept, kept_ref, err_msg=f"vocab={vocab} scale={scale} top_p={top_p}")
-    nucleus_sizes[vocab, scale] = kept_ref.sum(-1)
-  assert (nucleus_sizes[600, 1] > TOP_P_CANDIDATES).all() and (nucleus_sizes[600, 6] < TOP_P_CANDIDATES).all()
+    nucleus_sizes[vocab, scale, top_p] = kept_ref.sum(-1)
+  assert (nucleus_sizes[600, 1, 0.9] > TOP_P_CANDIDATES).all() and (nucleus_sizes[600, 6, 0.9] < TOP_P_CANDIDATES).all()
+  assert (nucleus_sizes[600, 1, 1.0] == 600).all()  # top_p=1 keeps the whole vocabulary
