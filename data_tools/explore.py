@@ -65,8 +65,8 @@ class PromptBuilder:
     return [(query, _clip_words(positive, self.example_max_words)) for _, query, positive in others]
 
   def messages(self, query: str, examples: Sequence[tuple[str, str]]) -> tuple[Mapping[str, str], ...]:
-    shots = "\n\n".join(f"Query: {q}\nResponse: {p}" for q, p in examples)
-    return ({"role": "user", "content": f"{TASK_LINE}\n\n{shots}\n\nQuery: {query}\nResponse:"},)
+    parts = [TASK_LINE, *(f"Query: {q}\nResponse: {p}" for q, p in examples), f"Query: {query}\nResponse:"]
+    return ({"role": "user", "content": "\n\n".join(parts)},)
 
   def requests(self, query: TrainQuery, k: int) -> list[ThoughtRequest]:
     return [ThoughtRequest(query.query_id, c, self.messages(query.query, self._examples(query.query_id, c)),

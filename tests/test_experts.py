@@ -50,6 +50,9 @@ def test_prompts_follow_method_and_are_reproducible():
   assert same == requests
   other_seed = explore.PromptBuilder(POOL, seed=8, example_max_words=5).requests(POOL[3], k=3)
   assert [r.messages for r in other_seed] != [r.messages for r in requests]
+  # Zero-shot (the CPU recipe): the task line, then the query, with nothing between.
+  (zero_shot,) = explore.PromptBuilder(POOL, seed=7, num_examples=0).requests(POOL[3], k=1)[0].messages
+  assert zero_shot["content"] == f"{explore.TASK_LINE}\n\nQuery: question number 3?\nResponse:"
 
 
 def test_http_expert_keys_answers_by_query_id():
