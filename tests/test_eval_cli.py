@@ -135,6 +135,8 @@ def test_bad_input_is_named(tmp_path, model_dir):
     main([f"--checkpoint={model_dir}", f"--dataset={blank}"])
   with pytest.raises(SystemExit):
     main([f"--checkpoint={model_dir}", f"--dataset={blank}", "--think=some"])
+  with pytest.raises(ValueError, match=r"--doc_tokens=2: must be >= 3"):
+    main([f"--checkpoint={model_dir}", f"--dataset={blank}", "--doc_tokens=2"])
 
 
 def test_evaluation_during_training_is_logged_and_matches_the_checkpoint(tmp_path):

@@ -2,6 +2,7 @@
 
   python -m o1jax.eval --checkpoint=PATH --dataset=../shared/data/beir-scifact [--split=test] [--think=3|off]
       [--baselines=bm25,minilm] [--out=DIR] [--max_queries=N] [--search=auto|exact|scann] [--drop_self_hits]
+      [--doc_tokens=512]
 
 PATH is an exported Hugging Face directory or an o1jax checkpoint directory. Metrics are trec_eval's (through
 pytrec_eval) over every judged query: nDCG@10, MRR@10 (run cut at 10), Recall@100, Recall@1000 of the top-k
@@ -12,6 +13,7 @@ pytrec_eval) over every judged query: nDCG@10, MRR@10 (run cut at 10), Recall@10
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -23,7 +25,7 @@ from o1jax.eval import baselines, o1, runner
 from o1jax.eval.files import atomic_write_text
 from o1jax.eval.metrics import DEFAULT_MEASURES
 from o1jax.eval.st_encoder import SentenceEncoder
-from o1jax.retriever import Retriever, Sampling
+from o1jax.retriever import EVAL_LENGTHS, Retriever, Sampling
 
 
 def _think(value: str) -> int:
@@ -58,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--per_query", action="store_true", help="print every query's metrics")
   p.add_argument("--cache_dir", default=None, help="document-embedding cache")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--doc_tokens", type=int, default=EVAL_LENGTHS.doc,
+                 help="o1jax document length in tokens, <emb> included (METHOD: 512)")
   return p
 
 
@@ -78,9 +82,12 @@ def evaluate_all(args: argparse.Namespace) -> dict[str, runner.Evaluation]:
   """Every requested system on the dataset, in table order."""
   if args.max_new_tokens < 1 or args.k < 1:
     raise ValueError("--max_new_tokens and --k must be >= 1")
+  if args.doc_tokens < 3:
+    raise ValueError(f"--doc_tokens={args.doc_tokens}: must be >= 3 ([BOS] text <emb>)")
   names = [b.strip() for b in args.baselines.split(",") if b.strip()]
   dataset = o1.first_queries(load_beir(args.dataset, args.split), args.max_queries)
-  retriever = Retriever.from_pretrained(args.checkpoint, dtype=args.dtype)
+  lengths = dataclasses.replace(EVAL_LENGTHS, doc=args.doc_tokens)
+  retriever = Retriever.from_pretrained(args.checkpoint, dtype=args.dtype, lengths=lengths)
   o1.index_corpus(retriever, dataset, args.search, args.k, args.cache_dir)
   sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens)
   results = {}
