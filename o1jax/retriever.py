@@ -15,12 +15,14 @@ from collections.abc import Sequence
 import hashlib
 import os
 import pathlib
+import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
+import tqdm
 
 from o1jax import templates
 from o1jax.eval import embedding_cache, search as search_lib
@@ -136,14 +138,19 @@ class Retriever:
     flat = [p for p in prompts for _ in range(k)]
     key = _key(rng)
     thoughts: list[list[int]] = []
-    for n, start in enumerate(range(0, len(flat), self.generate_batch)):
-      thoughts += self.generator.generate(flat[start:start + self.generate_batch], max_new_tokens=max_new_tokens,
-                                          temperature=temperature, top_p=top_p, rng=jax.random.fold_in(key, n))
+    # A bar only when there is more than one batch: API users thinking for a few queries see no output.
+    with tqdm.tqdm(total=len(flat), desc="think", unit="thought", file=sys.stderr,
+                   disable=len(flat) <= self.generate_batch) as progress:
+      for n, start in enumerate(range(0, len(flat), self.generate_batch)):
+        batch = flat[start:start + self.generate_batch]
+        thoughts += self.generator.generate(batch, max_new_tokens=max_new_tokens, temperature=temperature,
+                                            top_p=top_p, rng=jax.random.fold_in(key, n))
+        progress.update(len(batch))
     thoughts = [templates.thought_until_eos(t, self.special) for t in thoughts]
     return [thoughts[i * k:(i + 1) * k] for i in range(len(prompts))]
 
-  def embed_sequences(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-    return self.embedder.embed(sequences)
+  def embed_sequences(self, sequences: Sequence[Sequence[int]], desc: str | None = None) -> np.ndarray:
+    return self.embedder.embed(sequences, desc)
 
   def encode_queries(self, queries: Sequence[str], think: int = 0, sampling: Sampling = Sampling(),
                      rng: jax.Array | int = 0) -> np.ndarray:
@@ -162,7 +169,7 @@ class Retriever:
     """Unit document vectors [N, D]; cached on disk by checkpoint, texts and settings when the weights have a
     fingerprint (`cache_dir` default: $O1JAX_CACHE or ~/.cache/o1jax)."""
     def encode(texts: Sequence[str]) -> np.ndarray:
-      return self.embed_sequences(self.doc_sequences(texts))
+      return self.embed_sequences(self.doc_sequences(texts), desc="embed documents")
     if self.fingerprint is None:
       return encode(docs)
     settings = ("o1jax-docs-v1", self.fingerprint, f"doc_tokens={self.lengths.doc}", self.cfg.dtype)

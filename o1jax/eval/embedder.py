@@ -11,12 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 import contextlib
 import functools
+import sys
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh
+import tqdm
 
 from o1jax import losses, sharding
 from o1jax.generate import bucket
@@ -70,11 +72,13 @@ class SequenceEmbedder:
       out[-1][1].append(i)
     return out
 
-  def embed(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+  def embed(self, sequences: Sequence[Sequence[int]], desc: str | None = None) -> np.ndarray:
+    """Unit vectors of `sequences`; with `desc`, a progress bar of that name on stderr."""
     for i, seq in enumerate(sequences):
       if not len(seq):
         raise ValueError(f"sequence {i} is empty")
     out = np.zeros((len(sequences), self.cfg.hidden_size), np.float32)
+    progress = tqdm.tqdm(total=len(sequences), desc=desc, unit="seq", disable=desc is None, file=sys.stderr)
     for width, indices in self.batches([len(s) for s in sequences]):
       rows = self.padded_rows(len(indices), width)
       ids = np.zeros((rows, width), np.int32)
@@ -87,4 +91,6 @@ class SequenceEmbedder:
         placed = jax.device_put((ids, mask), self._batch_sharding)
         vectors = _embed_rows(self.params, *placed, cfg=self.cfg)
       out[indices] = np.asarray(vectors)[:len(indices)]
+      progress.update(len(indices))
+    progress.close()
     return out
