@@ -1,0 +1,149 @@
+"""`python -m o1jax.eval.report --run=DIR [--out=DIR]`: a recipe run's results as one table and one figure.
+
+Reads what `launch/scifact.sh` leaves in the run directory:
+  eval/<name>/summary.json   `python -m o1jax.eval --out` of each evaluated checkpoint (o1jax rows are labelled
+                             "<name>, think=K" / "<name>, no thinking"; baselines are listed once)
+  train_metrics.jsonl        the trainer's logged steps (`--config.log.jsonl`)
+  stages/<stage>.seconds     the wall time of each stage
+and writes results.md (the table and the wall times, as pasted into the README) and results.png (training
+curves and nDCG@10 bars), printing the table.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import re
+import sys
+from collections.abc import Sequence
+
+from o1jax.eval.files import atomic_write_text
+
+MEASURES = (("ndcg@10", "nDCG@10"), ("mrr@10", "MRR@10"), ("recall@100", "Recall@100"))
+STAGE_ORDER = ("thoughts", "convert", "untrained", "train", "trained")
+
+
+@dataclasses.dataclass
+class RunResults:
+  rows: dict[str, dict[str, float]]  # system -> measure -> value, in table order
+  steps: list[dict[str, float]]  # the logged training steps
+  stage_seconds: dict[str, int]
+
+
+def _label(folder: str, system: str) -> str | None:
+  """The table label of an o1jax row, or None for a baseline."""
+  if system == "o1jax no-think":
+    return f"{folder}, no thinking"
+  match = re.fullmatch(r"o1jax think=(\d+)", system)
+  return f"{folder}, think={match.group(1)}" if match else None
+
+
+def collect(run: str | pathlib.Path) -> RunResults:
+  """Everything `render_markdown` and `render_figure` need, from a run directory."""
+  run = pathlib.Path(run)
+  summaries = sorted(run.glob("eval/*/summary.json"))
+  if not summaries:
+    raise FileNotFoundError(f"{run}/eval/*/summary.json: no evaluation results")
+  ours: dict[str, dict[str, float]] = {}
+  baselines: dict[str, dict[str, float]] = {}
+  for path in summaries:
+    try:
+      metrics = json.loads(path.read_text())["metrics"]
+    except (json.JSONDecodeError, KeyError) as e:
+      raise ValueError(f"{path}: not a summary.json of `python -m o1jax.eval --out` ({e})") from e
+    for system, values in metrics.items():
+      label = _label(path.parent.name, system)
+      if label is None:
+        baselines.setdefault(system, values)
+      else:
+        ours[label] = values
+  steps = []
+  log = run / "train_metrics.jsonl"
+  if log.exists():
+    for number, line in enumerate(log.read_text().splitlines(), 1):
+      try:
+        steps.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{log}:{number}: not a JSON line ({e})") from e
+  # A resumed training run logs the steps after its checkpoint again: the last record of a step wins.
+  steps = sorted({int(s["step"]): s for s in steps}.values(), key=lambda s: s["step"])
+  seconds = {p.stem: int(p.read_text()) for p in (run / "stages").glob("*.seconds")}
+  order = {name: i for i, name in enumerate(STAGE_ORDER)}
+  seconds = dict(sorted(seconds.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+  return RunResults({**ours, **baselines}, steps, seconds)
+
+
+def render_markdown(results: RunResults) -> str:
+  lines = ["| system | " + " | ".join(title for _, title in MEASURES) + " |",
+           "|---|" + "---:|" * len(MEASURES)]
+  for system, values in results.rows.items():
+    lines.append(f"| {system} | " + " | ".join(f"{values[m]:.4f}" if m in values else "-" for m, _ in MEASURES)
+                 + " |")
+  if results.stage_seconds:
+    total = sum(results.stage_seconds.values())
+    times = ", ".join(f"{name} {s / 60:.1f}" for name, s in results.stage_seconds.items())
+    lines += ["", f"Wall time: {total / 60:.1f} min ({times})."]
+  if results.steps:
+    last = results.steps[-1]
+    lines += ["", f"Training: {int(last['step'])} steps; last step loss_ctr {last['loss_ctr']:.4f}, "
+                  f"loss_gen {last['loss_gen']:.4f}, in-batch top-1 accuracy {last['acc_top1']:.3f}."]
+  return "\n".join(lines) + "\n"
+
+
+def render_figure(results: RunResults, path: str | pathlib.Path) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel (only the report needs it)
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.2]})
+  if results.steps:
+    x = [s["step"] for s in results.steps]
+    for key, color in (("loss_ctr", "tab:blue"), ("loss_gen", "tab:orange")):
+      curves.plot(x, [s[key] for s in results.steps], label=key, color=color)
+    curves.set_xlabel("step")
+    curves.set_ylabel("loss")
+    accuracy = curves.twinx()
+    accuracy.plot(x, [s["acc_top1"] for s in results.steps], label="in-batch top-1 acc", color="tab:green",
+                  linestyle="--")
+    accuracy.set_ylabel("accuracy")
+    accuracy.set_ylim(0, 1)
+    handles = curves.get_legend_handles_labels()[0] + accuracy.get_legend_handles_labels()[0]
+    curves.legend(handles, [h.get_label() for h in handles], loc="upper right")
+  curves.set_title("training")
+  names = list(results.rows)
+  values = [results.rows[n].get("ndcg@10", 0.0) for n in names]
+  colors = ["tab:blue" if "," in n else "tab:gray" for n in names]
+  drawn = bars.barh(range(len(names)), values, color=colors)
+  bars.bar_label(drawn, fmt="%.3f", padding=3)
+  bars.set_yticks(range(len(names)), names)
+  bars.invert_yaxis()
+  bars.set_xlim(0, max(values + [0.1]) * 1.2)
+  bars.set_xlabel("nDCG@10")
+  bars.set_title("SciFact test")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv: Sequence[str]) -> RunResults:
+  p = argparse.ArgumentParser(prog="python -m o1jax.eval.report", description=__doc__.splitlines()[0])
+  p.add_argument("--run", required=True, help="the run directory of launch/scifact.sh")
+  p.add_argument("--out", help="where results.md and results.png go (default: the run directory)")
+  args = p.parse_args(argv)
+  results = collect(args.run)
+  out = pathlib.Path(args.out or args.run)
+  out.mkdir(parents=True, exist_ok=True)
+  markdown = render_markdown(results)
+  atomic_write_text(out / "results.md", markdown)
+  render_figure(results, out / "results.png")
+  print(markdown, end="")
+  print(f"wrote {out / 'results.md'} and {out / 'results.png'}")
+  return results
+
+
+if __name__ == "__main__":
+  try:
+    main(sys.argv[1:])
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
