@@ -52,7 +52,8 @@ def collect(run: str | pathlib.Path) -> RunResults:
       metrics = json.loads(path.read_text())["metrics"]
     except (json.JSONDecodeError, KeyError) as e:
       raise ValueError(f"{path}: not a summary.json of `python -m o1jax.eval --out` ({e})") from e
-    for system, values in metrics.items():
+    # summary.json keys are sorted; rows with thinking come first, as `python -m o1jax.eval` prints them.
+    for system, values in sorted(metrics.items(), key=lambda kv: kv[0] == "o1jax no-think"):
       label = _label(path.parent.name, system)
       if label is None:
         baselines.setdefault(system, values)
