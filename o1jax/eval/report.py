@@ -29,6 +29,7 @@ class RunResults:
   rows: dict[str, dict[str, float]]  # system -> measure -> value, in table order
   steps: list[dict[str, float]]  # the logged training steps
   stage_seconds: dict[str, int]
+  ours: list[str]  # the rows of o1jax checkpoints (the others are baselines)
 
 
 def _label(folder: str, system: str) -> str | None:
@@ -72,7 +73,7 @@ def collect(run: str | pathlib.Path) -> RunResults:
   seconds = {p.stem: int(p.read_text()) for p in (run / "stages").glob("*.seconds")}
   order = {name: i for i, name in enumerate(STAGE_ORDER)}
   seconds = dict(sorted(seconds.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
-  return RunResults({**ours, **baselines}, steps, seconds)
+  return RunResults({**ours, **baselines}, steps, seconds, list(ours))
 
 
 def render_markdown(results: RunResults) -> str:
@@ -114,7 +115,7 @@ def render_figure(results: RunResults, path: str | pathlib.Path) -> None:
   curves.set_title("training")
   names = list(results.rows)
   values = [results.rows[n].get("ndcg@10", 0.0) for n in names]
-  colors = ["tab:blue" if "," in n else "tab:gray" for n in names]
+  colors = ["tab:blue" if n in results.ours else "tab:gray" for n in names]
   drawn = bars.barh(range(len(names)), values, color=colors)
   bars.bar_label(drawn, fmt="%.3f", padding=3)
   bars.set_yticks(range(len(names)), names)
