@@ -20,6 +20,7 @@ import pathlib
 import sys
 from typing import Sequence
 
+from o1jax.config import DOC_TEMPLATE_TOKENS
 from o1jax.data.readers import BeirDataset, load_beir
 from o1jax.eval import baselines, o1, runner
 from o1jax.eval.files import atomic_write_text
@@ -82,8 +83,8 @@ def evaluate_all(args: argparse.Namespace) -> dict[str, runner.Evaluation]:
   """Every requested system on the dataset, in table order."""
   if args.max_new_tokens < 1 or args.k < 1:
     raise ValueError("--max_new_tokens and --k must be >= 1")
-  if args.doc_tokens < 3:
-    raise ValueError(f"--doc_tokens={args.doc_tokens}: must be >= 3 ([BOS] text <emb>)")
+  if args.doc_tokens < DOC_TEMPLATE_TOKENS:
+    raise ValueError(f"--doc_tokens={args.doc_tokens}: must be >= {DOC_TEMPLATE_TOKENS} ([BOS] text <emb>)")
   names = [b.strip() for b in args.baselines.split(",") if b.strip()]
   dataset = o1.first_queries(load_beir(args.dataset, args.split), args.max_queries)
   lengths = dataclasses.replace(EVAL_LENGTHS, doc=args.doc_tokens)
