@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -27,6 +28,8 @@ TARGET_PARENTS = {
     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
 }
 A, B, KEY = "lora_a", "lora_b", "lora_dropout_key"
+# Every projection an adapter can target (METHOD §4 targets all seven).
+TARGETS = tuple(TARGET_PARENTS)
 
 
 def check_targets(targets: Sequence[str]) -> tuple[str, ...]:
@@ -37,19 +40,39 @@ def check_targets(targets: Sequence[str]) -> tuple[str, ...]:
   return tuple(targets)
 
 
-def scale(lora_cfg: Mapping[str, Any]) -> float:
-  return float(lora_cfg["alpha"]) / int(lora_cfg["rank"])
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Adapters of rank `rank` on `targets`, scaled by alpha / rank, dropout on their input (METHOD §4)."""
+  rank: int = 32
+  alpha: float = 64.0
+  dropout: float = 0.1
+  targets: tuple[str, ...] = TARGETS
+
+  def __post_init__(self):
+    object.__setattr__(self, "targets", check_targets(list(self.targets)))
+    if self.rank < 1 or not 0 <= self.dropout < 1:
+      raise ValueError(f"LoRA rank={self.rank} must be >= 1 and dropout={self.dropout} in [0, 1)")
+
+  @classmethod
+  def from_mapping(cls, values: Mapping[str, Any]) -> LoraConfig:
+    """From `config.train.lora` (a ConfigDict, or its JSON in a checkpoint's run files)."""
+    return cls(rank=int(values["rank"]), alpha=float(values["alpha"]), dropout=float(values["dropout"]),
+               targets=tuple(values["targets"]))
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
 
 
 def _kernel(params: Mapping[str, Any], target: str) -> Any:
   return params["layers"][TARGET_PARENTS[target]][target]["kernel"]
 
 
-def init(params: Mapping[str, Any], lora_cfg: Mapping[str, Any], rng: jax.Array) -> dict:
+def init(params: Mapping[str, Any], lora_cfg: LoraConfig, rng: jax.Array) -> dict:
   """Adapters for the targets: A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's default), B = 0; kernel's dtype."""
-  rank = int(lora_cfg["rank"])
+  rank = lora_cfg.rank
   tree: dict = {}
-  for i, target in enumerate(check_targets(lora_cfg["targets"])):
+  for i, target in enumerate(lora_cfg.targets):
     layers, fan_in, fan_out = _kernel(params, target).shape
     dtype = _kernel(params, target).dtype
     bound = fan_in**-0.5
@@ -59,10 +82,10 @@ def init(params: Mapping[str, Any], lora_cfg: Mapping[str, Any], rng: jax.Array)
   return tree
 
 
-def logical_axes(model_axes: Mapping[str, Any], lora_cfg: Mapping[str, Any]) -> dict:
+def logical_axes(model_axes: Mapping[str, Any], lora_cfg: LoraConfig) -> dict:
   """Logical axes of the adapter tree: A and B shard like the kernel's input and output dimensions."""
   tree: dict = {}
-  for target in check_targets(lora_cfg["targets"]):
+  for target in lora_cfg.targets:
     layers, fan_in, fan_out = tuple(_kernel(model_axes, target))
     tree.setdefault("layers", {}).setdefault(TARGET_PARENTS[target], {})[target] = {
         A: PartitionSpec(layers, fan_in, "lora_rank"), B: PartitionSpec(layers, "lora_rank", fan_out)}
@@ -110,9 +133,9 @@ def applied(lora_scale: float, dropout_rate: float) -> Iterator[None]:
     yield
 
 
-def merge(params: Mapping[str, Any], lora: Mapping[str, Any], lora_cfg: Mapping[str, Any]) -> dict:
+def merge(params: Mapping[str, Any], lora: Mapping[str, Any], lora_cfg: LoraConfig) -> dict:
   """Base parameters with W + (alpha / r) A B folded into each target kernel (for export and evaluation)."""
-  s = scale(lora_cfg)
+  s = lora_cfg.scale
   layers = {parent: dict(modules) for parent, modules in params["layers"].items()}
   for parent, modules in lora["layers"].items():
     for target, adapter in modules.items():

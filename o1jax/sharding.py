@@ -9,10 +9,11 @@ place in the project where the mesh axes `data`, `fsdp` and `tensor` are named:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -95,6 +96,14 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
   shape = mesh_shape(mesh_config, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices[:math.prod(shape)])
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh) -> Iterator[None]:
+  """The mesh and the logical-axis rules, both needed while tracing model code (it constrains activations by
+  logical names): every jitted call of the model runs inside this."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    yield
 
 
 def mesh_spec(logical: PartitionSpec | Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:

@@ -214,8 +214,8 @@ class Trainer:
                    with_lm: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(query embeddings [B, D], summed LM loss over the supervised tokens) from one pass."""
     ids, mask = q["query_ids"], q["query_mask"]
-    hidden = self._apply(trainable, Decoder.__call__, ids, losses.positions(mask), mask, dropout_rng=rng)
-    emb = losses.pool_last(hidden, mask)
+    hidden = self._apply(trainable, Decoder.__call__, ids, pooling.positions(mask), mask, dropout_rng=rng)
+    emb = pooling.pool_last(hidden, mask)
     if not (with_lm and self.w_gen):
       return emb, jnp.zeros((), jnp.float32)
     logits = self._apply(trainable, Decoder.logits, hidden)
@@ -224,8 +224,8 @@ class Trainer:
 
   def _doc_embed(self, trainable: dict, d: Mapping[str, jnp.ndarray], rng: jax.Array) -> jnp.ndarray:
     ids, mask = d["doc_ids"], d["doc_mask"]
-    hidden = self._apply(trainable, Decoder.__call__, ids, losses.positions(mask), mask, dropout_rng=rng)
-    return losses.pool_last(hidden, mask)
+    hidden = self._apply(trainable, Decoder.__call__, ids, pooling.positions(mask), mask, dropout_rng=rng)
+    return pooling.pool_last(hidden, mask)
 
   def _contrastive_objective(self, q_emb, d_emb, teacher) -> tuple[jnp.ndarray, dict]:
     """(this micro-batch's share of w_ctr * L_ctr + w_distill * L_distill, metric sums)."""
@@ -389,8 +389,8 @@ class Trainer:
   # ---------------------------------------------------------------- evaluation and accounting
 
   def _embed_fn(self, trainable: dict, ids: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-    hidden = self._apply(trainable, Decoder.__call__, ids, losses.positions(mask), mask)
-    return losses.pool_last(hidden, mask)
+    hidden = self._apply(trainable, Decoder.__call__, ids, pooling.positions(mask), mask)
+    return pooling.pool_last(hidden, mask)
 
   def embed(self, params_or_state: Mapping[str, Any], ids: Any, mask: Any) -> jax.Array:
     """Normalised float32 embeddings [N, D] at each row's last real token (no dropout).

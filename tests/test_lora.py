@@ -10,7 +10,7 @@ from o1jax.model import Decoder, ModelConfig, init_params, logical_axes
 CFG = ModelConfig(family="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, attention_bias=True,
                   remat_policy="full")
-LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.25, "targets": ["q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"]}
+LORA = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.25, targets=("q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"))
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def _with_b(adapters, value):
 
 def test_zero_b_is_the_base_model(setup):
   params, adapters, inputs = setup
-  with lora.applied(lora.scale(LORA), LORA["dropout"]):
+  with lora.applied(LORA.scale, LORA.dropout):
     out = _forward(lora.with_adapters(params, adapters), inputs)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(_forward(params, inputs)))
 
@@ -43,7 +43,7 @@ def test_adapters_change_outputs_and_merge_exactly(setup):
   params, adapters, inputs = setup
   adapters = _with_b(adapters, 0.05)
   base = _forward(params, inputs)
-  with lora.applied(lora.scale(LORA), LORA["dropout"]):
+  with lora.applied(LORA.scale, LORA.dropout):
     out = _forward(lora.with_adapters(params, adapters), inputs)  # no dropout keys: evaluation
   assert np.abs(np.asarray(out - base)).max() > 1e-2
   merged = lora.merge(params, adapters, LORA)
@@ -55,7 +55,7 @@ def test_adapters_change_outputs_and_merge_exactly(setup):
 def test_dropout_on_the_lora_input_only_with_keys(setup):
   params, adapters, inputs = setup
   adapters = _with_b(adapters, 0.05)
-  with lora.applied(lora.scale(LORA), LORA["dropout"]):
+  with lora.applied(LORA.scale, LORA.dropout):
     a = _forward(lora.with_adapters(params, adapters, jax.random.key(5)), inputs)
     b = _forward(lora.with_adapters(params, adapters, jax.random.key(5)), inputs)
     c = _forward(lora.with_adapters(params, adapters, jax.random.key(6)), inputs)

@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from o1jax import losses, sharding
+from o1jax.model import pooling
 
 Q, G, D, TAU = 8, 4, 16, 0.05
 
@@ -119,8 +120,8 @@ def test_pool_last_reads_the_emb_position_and_normalises():
   rs = np.random.RandomState(3)
   hidden = rs.randn(2, 5, 4).astype(np.float32)
   mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int32)
-  got = np.asarray(losses.pool_last(jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(mask)))
+  got = np.asarray(pooling.pool_last(jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(mask)))
   assert got.dtype == np.float32
   want = np.asarray(jnp.asarray(hidden, jnp.bfloat16).astype(jnp.float32))[[0, 1], [2, 4]]
   np.testing.assert_allclose(got, want / np.linalg.norm(want, axis=1, keepdims=True), rtol=1e-6)
-  np.testing.assert_array_equal(np.asarray(losses.positions(jnp.asarray(mask))), [[0, 1, 2, 2, 2], [0, 1, 2, 3, 4]])
+  np.testing.assert_array_equal(np.asarray(pooling.positions(jnp.asarray(mask))), [[0, 1, 2, 2, 2], [0, 1, 2, 3, 4]])

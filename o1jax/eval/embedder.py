@@ -4,7 +4,7 @@ Sequences are sorted by length and grouped into power-of-two widths, cut into ba
 `tokens_per_batch // width` rows; a batch's rows are padded to a power of two times the batch shards, so padding
 stays below half of each row, a large corpus compiles about one program per width, and a few queries do not run
 a corpus-sized batch. The vector of a sequence is the L2-normalised final hidden
-state at its last token (`<emb>` in every o1jax template), as in training (`losses.pool_last`).
+state at its last token (`<emb>` in every o1jax template), as in training (`o1jax.model.pooling.pool_last`).
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import numpy as np
 from jax.sharding import Mesh
 import tqdm
 
-from o1jax import losses, sharding
+from o1jax import sharding
 from o1jax.generate import bucket
-from o1jax.model import Decoder, ModelConfig, logical_axes
+from o1jax.model import Decoder, ModelConfig, logical_axes, pooling
 
 MIN_WIDTH = 16
 # All devices on the fsdp axis: batch rows split over every device, parameters sharded at rest (as in training).
@@ -31,8 +31,8 @@ INFERENCE_MESH = {"data": 1, "fsdp": -1, "tensor": 1}
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _embed_rows(params: Any, ids: jax.Array, mask: jax.Array, *, cfg: ModelConfig) -> jax.Array:
-  hidden = Decoder(cfg).apply({"params": params}, ids, losses.positions(mask), mask)
-  return losses.pool_last(hidden, mask)
+  hidden = Decoder(cfg).apply({"params": params}, ids, pooling.positions(mask), mask)
+  return pooling.pool_last(hidden, mask)
 
 
 class SequenceEmbedder:
