@@ -42,7 +42,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from o1jax import gradcache, losses, lora, optim, sharding
-from o1jax.model import Decoder, ModelConfig, init_params, logical_axes
+from o1jax.model import Decoder, ModelConfig, init_params, logical_axes, pooling
 from o1jax.tokenizer import SpecialIds
 
 # Embedding leaves: (module, leaf name, vocabulary axis).
