@@ -42,7 +42,7 @@ class BM25Member:
   """BM25 of each candidate (as a one-of-k document) for the positive (as the query)."""
 
   def __init__(self, name: str = "bm25"):
-    from o1jax.eval.bm25 import bm25_scores  # pylint: disable=g-import-not-at-top
+    from o1jax.retrieval.bm25 import bm25_scores  # pylint: disable=g-import-not-at-top
     self.name, self._bm25_scores = name, bm25_scores
 
   def score(self, positives: Sequence[str], candidates: Sequence[Sequence[str]]) -> np.ndarray:
@@ -69,7 +69,7 @@ class DenseMember:
 def sentence_transformer_member(model_name_or_path: str | None = None, batch_size: int = 64,
                                 name: str | None = None) -> DenseMember:
   """A sentence-transformers model as a member; None is the offline all-MiniLM-L6-v2."""
-  from o1jax.eval.st_encoder import SentenceEncoder  # pylint: disable=g-import-not-at-top (loads torch)
+  from o1jax.retrieval.sentence_encoder import SentenceEncoder  # pylint: disable=g-import-not-at-top (loads torch)
   encoder = SentenceEncoder(model_name_or_path)
   return DenseMember(name or f"st:{model_name_or_path or 'all-MiniLM-L6-v2'}",
                      lambda texts: encoder.encode(texts, batch_size))

@@ -6,6 +6,7 @@ import hashlib
 import os
 
 from o1jax.data import readers
+from o1jax.templates import document_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,11 +16,6 @@ class TrainQuery:
   positives: tuple[str, ...]
   negatives: tuple[str, ...] = ()  # empty when the dataset has none: mined later
   positive_ids: tuple[str, ...] = ()  # corpus ids, so mining can exclude them
-
-
-def doc_text(doc: readers.Doc) -> str:
-  """A BEIR document as one passage, `{title} {text}` (METHOD §2)."""
-  return f"{doc.title} {doc.text}".strip()
 
 
 def stable_hash(*parts: object) -> int:
@@ -33,7 +29,8 @@ def from_beir(dataset: readers.BeirDataset) -> list[TrainQuery]:
   out = []
   for query_id in sorted(dataset.queries):
     positive_ids = tuple(sorted(d for d, rel in dataset.qrels.get(query_id, {}).items() if rel > 0))
-    positives = tuple(doc_text(dataset.corpus[d]) for d in positive_ids if d in dataset.corpus)
+    positives = tuple(document_text(dataset.corpus[d].title, dataset.corpus[d].text)
+                      for d in positive_ids if d in dataset.corpus)
     out.append(TrainQuery(query_id, dataset.queries[query_id], positives, (), positive_ids))
   return out
 

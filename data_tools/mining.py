@@ -3,17 +3,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from data_tools.inputs import TrainQuery, doc_text
+from data_tools.inputs import TrainQuery
 from o1jax.data.readers import Doc
+from o1jax.templates import document_text
 
 
 class BM25Miner:
   """Top-n BM25 documents per query that are not among its positives."""
 
   def __init__(self, corpus: Mapping[str, Doc]):
-    from o1jax.eval.bm25 import BM25  # pylint: disable=g-import-not-at-top
+    from o1jax.retrieval.bm25 import BM25  # pylint: disable=g-import-not-at-top
     self.doc_ids = sorted(corpus)
-    self.texts = {d: doc_text(corpus[d]) for d in self.doc_ids}
+    self.texts = {d: document_text(corpus[d].title, corpus[d].text) for d in self.doc_ids}
     self.index = BM25(self.doc_ids, [self.texts[d] for d in self.doc_ids])
 
   def mine(self, queries: Sequence[TrainQuery], n: int) -> dict[str, list[str]]:

@@ -17,13 +17,10 @@ import collections
 from collections.abc import Sequence
 import dataclasses
 import json
-import os
 import pathlib
 import sys
-import tempfile
 from typing import Any
 
-import numpy as np
 import tqdm
 
 from data_tools import explore
@@ -32,6 +29,8 @@ from data_tools.committee import BM25Member, Committee, Member, sentence_transfo
 from data_tools.record import ThoughtRecord
 from o1jax.data import readers
 from o1jax.data import tfrecord
+from o1jax.files import atomic_write_json
+from o1jax.templates import document_text
 
 # Settings that do not change the output: excluded from config.json so workers and restarts may differ.
 _RUNTIME_ONLY = ("num_workers", "worker_index", "out", "concurrency", "timeout_s", "max_attempts",
@@ -89,15 +88,6 @@ def shard_of(query_id: str, num_shards: int) -> int:
   return inputs.stable_hash("shard", query_id) % num_shards
 
 
-def write_json_atomic(path: pathlib.Path, payload: Any) -> None:
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    json.dump(payload, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def output_config(args: argparse.Namespace) -> dict[str, Any]:
   return {k: v for k, v in sorted(vars(args).items()) if k not in _RUNTIME_ONLY}
 
@@ -112,7 +102,7 @@ def pin_config(out: pathlib.Path, config: dict[str, Any]) -> None:
       raise SystemExit(f"{path}: this output directory was made with other settings {changed} "
                        "(old, new); use a new --out")
   else:
-    write_json_atomic(path, config)
+    atomic_write_json(path, config)
 
 
 @dataclasses.dataclass
@@ -199,7 +189,8 @@ class Synthesizer:
     out = []
     for q, verdict in zip(good, verdicts):
       neg_ids = tuple(negative_ids.get(q.query_id, ()))
-      negatives = tuple(inputs.doc_text(self.corpus[d]) for d in neg_ids) if neg_ids else q.negatives
+      negatives = (tuple(document_text(self.corpus[d].title, self.corpus[d].text) for d in neg_ids) if neg_ids
+                   else q.negatives)
       out.append(ThoughtRecord(
           query_id=q.query_id, query=q.query, thoughts=tuple(thoughts[q.query_id]), chosen=verdict.winner,
           positives=q.positives, negatives=negatives, positive_ids=q.positive_ids, negative_ids=neg_ids,
@@ -219,7 +210,7 @@ def write_shard(path: pathlib.Path, shard: int, queries: list[inputs.TrainQuery]
       progress.update(len(chunk))
     info = {"shard": shard, "file": path.name, "num_records": writer.num_records, "sha256": writer.sha256,
             "skipped": bad}
-    write_json_atomic(path.with_name(path.name + ".json"), info)  # before the rename: a shard is never undescribed
+    atomic_write_json(path.with_name(path.name + ".json"), info)  # before the rename: a shard is never undescribed
   return info
 
 
@@ -232,7 +223,7 @@ def write_manifest(out: pathlib.Path, args: argparse.Namespace, config: dict[str
   manifest = {"config": config, "num_shards": args.num_shards, "shards": shards,
               "num_records": sum(s["num_records"] for s in shards),
               "num_skipped": sum(len(s["skipped"]) for s in shards)}
-  write_json_atomic(out / "manifest.json", manifest)
+  atomic_write_json(out / "manifest.json", manifest)
   return manifest
 
 

@@ -13,7 +13,7 @@
 #              mean) without thinking, BM25 and MiniLM.
 #   train      o1jax.train with configs/smollm2_135m_scifact.py on those shards.
 #   trained    o1jax.eval: the trained model with 3 thoughts per query and without thinking.
-#   report     o1jax.eval.report: OUT/results.md (the table) and OUT/results.png (curves and nDCG@10 bars).
+#   report     launch.report: OUT/results.md (the table) and OUT/results.png (curves and nDCG@10 bars).
 # A finished stage leaves OUT/stages/NAME.seconds (its wall time) and is skipped when the script is run again;
 # an interrupted one resumes: synthesis keeps whole shards, training restores its last checkpoint, and document
 # embeddings are cached. --limit (train queries), --shards (each shard's last generation batch is padded to 64
@@ -83,4 +83,4 @@ stage train python -m o1jax.train --config="$O1_LAUNCH_DIR/../configs/smollm2_13
 stage trained python -m o1jax.eval --checkpoint="$out/train" --think=3 --max_new_tokens=40 --baselines= \
   --out="$out/eval/trained" "${eval_args[@]}"
 
-o1_run python -m o1jax.eval.report --run="$out"
+o1_run python -m launch.report --run="$out"

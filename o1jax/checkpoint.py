@@ -33,6 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import transformers
 
+from o1jax.files import atomic_write_bytes
 from o1jax.model import ModelConfig
 
 RUN_DIR = "run"
@@ -41,6 +42,15 @@ TRAIN_CONFIG, MODEL_CONFIG, TOKENIZER_DIR = "train_config.json", "model_config.j
 
 def _absolute(directory: str) -> str:
   return directory if "://" in directory else os.path.abspath(directory)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+  """`config.checkpoint`: where (empty: no checkpoints), how often, how many to keep, saved in the background."""
+  dir: str = ""
+  every: int = 100
+  keep: int = 3
+  async_save: bool = True
 
 
 class Checkpointer:
@@ -107,23 +117,17 @@ def abstract_like(state: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
-def _write_atomic(path: epath.Path, data: bytes) -> None:
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-  tmp.write_bytes(data)
-  tmp.replace(path)
-
-
 def save_run_files(directory: str, config: ml_collections.ConfigDict, model_cfg: ModelConfig,
                    tokenizer: Any) -> None:
   """Writes `directory`/run/: the train config, the model config and the tokenizer (each file atomically)."""
   run = epath.Path(_absolute(directory)) / RUN_DIR
   (run / TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
-  _write_atomic(run / TRAIN_CONFIG, (config.to_json(indent=2, sort_keys=True) + "\n").encode())
-  _write_atomic(run / MODEL_CONFIG, (json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n").encode())
+  atomic_write_bytes(run / TRAIN_CONFIG, (config.to_json(indent=2, sort_keys=True) + "\n").encode())
+  atomic_write_bytes(run / MODEL_CONFIG, (json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n").encode())
   # save_pretrained writes only local files; stage them, then copy (gs:// directories included).
   with tempfile.TemporaryDirectory() as staging:
     for file in tokenizer.save_pretrained(staging):
-      _write_atomic(run / TOKENIZER_DIR / pathlib.Path(file).name, pathlib.Path(file).read_bytes())
+      atomic_write_bytes(run / TOKENIZER_DIR / pathlib.Path(file).name, pathlib.Path(file).read_bytes())
 
 
 def load_run_files(directory: str) -> tuple[ml_collections.ConfigDict, ModelConfig, Any]:

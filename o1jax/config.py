@@ -3,7 +3,8 @@
 A config file defines `get_config(arg=None)` returning `base_config()` with its values set; `arg` is the text after
 `:` in `--config=configs/x.py:variant`. Overrides `--config.a.b=v` are typed by the field they replace; configs
 are locked, so a misspelt key is an error. `validate` then checks every value against the tree, the mesh and the
-templates before anything is compiled, and reports every problem at once, each naming its key.
+templates before anything is compiled, and reports every problem at once, each naming its key. `settings` turns a
+valid config into the typed, frozen sections the library takes: the ConfigDict stops at the command line.
 """
 from __future__ import annotations
 
@@ -16,15 +17,17 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
-from o1jax import sharding
+from o1jax import checkpoint, lora, optim, sharding, templates
+from o1jax.data.batching import BatchSpec
 from o1jax.data.synthetic import SyntheticSpec
 from o1jax.model import REMAT_POLICIES, ModelConfig
 from o1jax.model.config import DTYPES
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# [BOS] <query> q </query> <thought> t EOS <emb> around a query of `lengths.query` tokens and a 1-token thought.
-QUERY_TEMPLATE_TOKENS = 7
-DOC_TEMPLATE_TOKENS = 3  # [BOS] text <emb> with a 1-token text
+from o1jax.templates import DOC_TEMPLATE_TOKENS, QUERY_TEMPLATE_TOKENS
+from o1jax.training.logger import LogSettings
+from o1jax.training.objective import Objective
+from o1jax.training.sources import DataSource, ModelSource
+from o1jax.training.trainable import Selection
+from o1jax.training.trainer import TrainerSettings
 
 
 class ConfigError(ValueError):
@@ -64,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
       grad_accum_steps=1,
       gradcache_chunk=0,
       finetune="lora",
-      lora=dict(rank=32, alpha=64.0, dropout=0.1, targets=LORA_TARGETS),
+      lora=dict(rank=32, alpha=64.0, dropout=0.1, targets=lora.TARGETS),
       train_special_tokens=True,
       train_embeddings=False,
   )
@@ -264,9 +267,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> dict[str, 
       problems.append(f"config.train.lora.rank={t.lora.rank}: must be >= 1")
     if not 0 <= t.lora.dropout < 1:
       problems.append(f"config.train.lora.dropout={t.lora.dropout}: must be in [0, 1)")
-    bad = [x for x in t.lora.targets if x not in LORA_TARGETS] or ([] if t.lora.targets else ["(none)"])
+    bad = [x for x in t.lora.targets if x not in lora.TARGETS] or ([] if t.lora.targets else ["(none)"])
     if bad:
-      problems.append(f"config.train.lora.targets: {bad} not among {', '.join(LORA_TARGETS)}")
+      problems.append(f"config.train.lora.targets: {bad} not among {', '.join(lora.TARGETS)}")
   if o.lr <= 0:
     problems.append(f"config.optim.lr={o.lr}: must be > 0")
   if not 0 <= o.warmup_frac < 1:
@@ -291,3 +294,45 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> dict[str, 
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
   return mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+  """A validated config as the typed sections the library takes."""
+  seed: int
+  model: ModelSource
+  data: DataSource
+  trainer: TrainerSettings
+  batch: BatchSpec
+  checkpoint: checkpoint.CheckpointSettings
+  log: LogSettings
+
+
+def trainer_settings(config: ml_collections.ConfigDict) -> TrainerSettings:
+  """The step's settings: `config.train` and `config.optim` (the only sections the step reads)."""
+  t = config.train
+  objective = Objective(group_size=int(t.group_size), tau=float(t.tau), w_ctr=float(t.w_ctr), w_gen=float(t.w_gen),
+                        w_distill=float(t.w_distill), accum_steps=int(t.grad_accum_steps),
+                        gradcache_chunk=int(t.gradcache_chunk))
+  if t.finetune not in ("full", "lora"):
+    raise ConfigError(f"config.train.finetune={t.finetune!r}; expected 'full' or 'lora'")
+  selection = Selection(lora=lora.LoraConfig.from_mapping(t.lora) if t.finetune == "lora" else None,
+                        train_embeddings=bool(t.train_embeddings), train_special_tokens=bool(t.train_special_tokens))
+  return TrainerSettings(steps=int(t.steps), objective=objective, selection=selection,
+                         optim=optim.OptimConfig.from_mapping(config.optim))
+
+
+def settings(config: ml_collections.ConfigDict) -> RunSettings:
+  """The typed sections of a config that `validate` accepted."""
+  t, d = config.train, config.data
+  data = DataSource(kind=d.kind, train_files=tuple(d.train_files), skip_bad=bool(d.skip_bad),
+                    synthetic=SyntheticSpec(**d.synthetic))
+  batch = BatchSpec(int(t.batch_queries), int(t.group_size), templates.Lengths(**t.lengths), float(t.thought_drop),
+                    int(d.shuffle_seed), teacher_scores=t.w_distill > 0)
+  c, log = config.checkpoint, config.log
+  return RunSettings(
+      seed=int(config.seed),
+      model=ModelSource(config.model.source, config.model.path, model_config(config, vocab_size=0)),
+      data=data, trainer=trainer_settings(config), batch=batch,
+      checkpoint=checkpoint.CheckpointSettings(c.dir, int(c.every), int(c.keep), bool(c.async_save)),
+      log=LogSettings(int(log.every), log.tensorboard_dir, log.jsonl))

@@ -10,6 +10,7 @@ Schedule (`config.optim`, steps = `config.train.steps`, W = round(warmup_frac * 
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 from typing import Any
 
 import jax
@@ -21,19 +22,43 @@ TRAIN, FROZEN = "train", "frozen"
 NO_DECAY_NAMES = ("bias", "embed_tokens", "lm_head")
 
 
-def warmup_steps(optim_cfg: Mapping[str, Any], steps: int) -> int:
-  return int(round(float(optim_cfg["warmup_frac"]) * steps))
+WARMUPS, DECAYS = ("linear", "log"), ("linear", "cosine")
 
 
-def schedule(optim_cfg: Mapping[str, Any], steps: int) -> optax.Schedule:
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """`config.optim`: AdamW with global-norm clipping and the schedule of the module docstring."""
+  lr: float = 1e-4
+  warmup_frac: float = 0.1
+  warmup: str = "log"
+  decay: str = "linear"
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  clip_norm: float = 1.0
+
+  def __post_init__(self):
+    if self.warmup not in WARMUPS:
+      raise ValueError(f"config.optim.warmup={self.warmup!r}; expected 'linear' or 'log'")
+    if self.decay not in DECAYS:
+      raise ValueError(f"config.optim.decay={self.decay!r}; expected 'linear' or 'cosine'")
+
+  @classmethod
+  def from_mapping(cls, values: Mapping[str, Any]) -> OptimConfig:
+    text = ("warmup", "decay")
+    return cls(**{f.name: str(values[f.name]) if f.name in text else float(values[f.name])
+                  for f in dataclasses.fields(cls)})
+
+  def warmup_steps(self, steps: int) -> int:
+    return int(round(self.warmup_frac * steps))
+
+
+def schedule(optim_cfg: OptimConfig, steps: int) -> optax.Schedule:
   """The learning rate at (0-based) step s; see the module docstring."""
-  peak = float(optim_cfg["lr"])
-  warm = warmup_steps(optim_cfg, steps)
-  warmup, decay = optim_cfg["warmup"], optim_cfg["decay"]
-  if warmup not in ("linear", "log"):
-    raise ValueError(f"config.optim.warmup={warmup!r}; expected 'linear' or 'log'")
-  if decay not in ("linear", "cosine"):
-    raise ValueError(f"config.optim.decay={decay!r}; expected 'linear' or 'cosine'")
+  peak = optim_cfg.lr
+  warm = optim_cfg.warmup_steps(steps)
+  warmup, decay = optim_cfg.warmup, optim_cfg.decay
 
   def lr(step):
     s = jnp.asarray(step, jnp.float32)
@@ -60,10 +85,10 @@ def decay_mask(trainable: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, trainable)
 
 
-def make_optimizer(optim_cfg: Mapping[str, Any], steps: int, labels: Any) -> optax.GradientTransformation:
+def make_optimizer(optim_cfg: OptimConfig, steps: int, labels: Any) -> optax.GradientTransformation:
   """AdamW with global-norm clipping on leaves labelled TRAIN; FROZEN leaves get no update and no state."""
   adamw = optax.chain(
-      optax.clip_by_global_norm(float(optim_cfg["clip_norm"])),
-      optax.adamw(schedule(optim_cfg, steps), b1=float(optim_cfg["b1"]), b2=float(optim_cfg["b2"]),
-                  eps=float(optim_cfg["eps"]), weight_decay=float(optim_cfg["weight_decay"]), mask=decay_mask))
+      optax.clip_by_global_norm(optim_cfg.clip_norm),
+      optax.adamw(schedule(optim_cfg, steps), b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                  weight_decay=optim_cfg.weight_decay, mask=decay_mask))
   return optax.multi_transform({TRAIN: adamw, FROZEN: optax.set_to_zero()}, labels)

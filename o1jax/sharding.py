@@ -137,6 +137,38 @@ def logical_to_shardings(logical_tree: Any, abstract_tree: Any, mesh: Mesh) -> A
                       abstract_tree, is_leaf=lambda s: isinstance(s, PartitionSpec))
 
 
+def _dict_key_suffix(path) -> tuple[str, ...]:
+  """The trailing run of dict keys of a key path (an optimizer-state leaf ends with its parameter's path)."""
+  names: list[str] = []
+  for key in reversed(path):
+    if not isinstance(key, jax.tree_util.DictKey):
+      break
+    names.append(str(key.key))
+  return tuple(reversed(names))
+
+
+def optimizer_state_shardings(abstract_opt_state: Any, param_shardings: Mapping[str, Any],
+                              abstract_params: Mapping[str, Any], mesh: Mesh) -> Any:
+  """Shardings of an optax state: a leaf shards like the parameter whose path it ends with and whose shape it
+  has (Adam's moments); everything else (counts, scalars) is replicated.
+
+  Args:
+    param_shardings, abstract_params: {'params': tree, ('lora': tree)} of shardings and of shapes.
+  """
+  by_path, shapes = {}, {}
+  for top, tree in param_shardings.items():
+    by_path.update({(top,) + _dict_key_suffix(p): s for p, s in jax.tree_util.tree_flatten_with_path(tree)[0]})
+  for top, tree in abstract_params.items():
+    shapes.update({(top,) + _dict_key_suffix(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]})
+  rep = replicated(mesh)
+
+  def leaf_sharding(path, x):
+    suffix = _dict_key_suffix(path)
+    return by_path[suffix] if suffix in by_path and shapes[suffix] == x.shape else rep
+
+  return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_opt_state)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Rows of every batch array split over the batch axes (a prefix sharding: valid for any rank)."""
   return NamedSharding(mesh, nn.logical_to_mesh_axes(("activation_batch",), LOGICAL_RULES))

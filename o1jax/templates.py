@@ -18,6 +18,11 @@ import numpy as np
 from o1jax.tokenizer import SpecialIds
 
 
+# [BOS] <query> q </query> <thought> t EOS <emb> around a query of `lengths.query` tokens and a 1-token thought.
+QUERY_TEMPLATE_TOKENS = 7
+DOC_TEMPLATE_TOKENS = 3  # [BOS] text <emb> with a 1-token text
+
+
 @dataclasses.dataclass(frozen=True)
 class Lengths:
   """Token budgets (reference values of METHOD §2, `<emb>` included)."""
@@ -61,8 +66,9 @@ def document_sequence(doc_ids: Sequence[int], special: SpecialIds, length: int) 
 
 
 def document_text(title: str, text: str) -> str:
-  """METHOD §2 joins title and text with one space; an empty title adds nothing."""
-  return f"{title} {text}" if title else text
+  """METHOD §2's `title text`, stripped as BEIR and MTEB feed documents to encoders, so an empty title adds
+  nothing and every o1jax row and baseline embeds the same text."""
+  return f"{title} {text}".strip()
 
 
 def pad_right(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

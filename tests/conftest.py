@@ -13,6 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+  config.addinivalue_line("markers", "e2e: end to end (recipe, launchers, several processes, TPU AOT compiles); "
+                          "minutes each: `pytest -m 'not e2e'` is the quick loop, CI runs everything")
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> pathlib.Path:
   """The shared data directory (env O1JAX_SHARED); tests that need it skip only when it is unset."""

@@ -17,7 +17,10 @@ import sys
 import jax
 import pytest
 
-from o1jax import aot
+from o1jax.aot import fit, topology
+from o1jax.aot.__main__ import main as aot_main
+
+pytestmark = pytest.mark.e2e
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = f"--config={ROOT / 'configs' / 'tiny_cpu.py'}"
@@ -33,7 +36,7 @@ needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (
     ("v5e-256", "v5e:16x16", 256), ("v6e-64", "v6e:8x8", 64), ("v5p:4x4x8", "v5p:4x4x8", 128),
 ])
 def test_slice_names_map_to_cloud_tpu_grids(name, grid, chips):
-  _, grid_name, count = aot.tpu_topology_name(name)
+  _, grid_name, count = topology.tpu_topology_name(name)
   assert (grid_name, count) == (grid, chips)
 
 
@@ -43,7 +46,7 @@ def test_slice_names_map_to_cloud_tpu_grids(name, grid, chips):
 ])
 def test_bad_topology_names(name, message):
   with pytest.raises(ValueError, match=message):
-    aot.tpu_topology_name(name)
+    topology.tpu_topology_name(name)
 
 
 def check_report(report: dict, devices: int) -> None:
@@ -63,30 +66,30 @@ def check_report(report: dict, devices: int) -> None:
   # Model FLOPs (Trainer.flops_per_step) vs XLA's count of the compiled program: XLA also counts norms, softmax,
   # the loss and AdamW's elementwise work, a few percent at this width; no remat here.
   assert 0.95 < train["compiled_flops"] / report["analytic_flops_per_step"] < 1.2
-  assert report["encode_rows"] == 64 and report["encode_length"] == aot.EVAL_DOC_LENGTH
+  assert report["encode_rows"] == 64 and report["encode_length"] == fit.EVAL_DOC_LENGTH
   assert report["fits"]
 
 
 def test_cpu_devices_report_and_exit_status(tmp_path, capsys):
   out = tmp_path / "report.json"
-  assert aot.main([TINY, ONE_LAYER, "--topology=cpu-8", f"--json={out}"]) == 0
+  assert aot_main([TINY, ONE_LAYER, "--topology=cpu-8", f"--json={out}"]) == 0
   report = json.loads(out.read_text())
   check_report(report, 8)
   text = capsys.readouterr().out
   assert "[train_step]" in text and "[encode_step]" in text and text.rstrip().endswith("FITS")
   # The same program against 1 MiB per device cannot fit.
-  assert aot.main([TINY, ONE_LAYER, "--topology=cpu-8", "--hbm_gib=0.001", "--encode_rows=8",
+  assert aot_main([TINY, ONE_LAYER, "--topology=cpu-8", "--hbm_gib=0.001", "--encode_rows=8",
                    "--encode_length=16"]) == 1
   assert "DOES NOT FIT" in capsys.readouterr().out
 
 
 def test_cpu_topology_must_match_the_process():
   with pytest.raises(ValueError, match="this process has 8 CPU devices"):
-    aot.resolve_topology("cpu-4")
+    topology.resolve_topology("cpu-4")
 
 
 def test_bad_config_exits_2(capsys):
-  assert aot.main([TINY, "--topology=cpu-8", "--config.train.batch_queries=12"]) == 2
+  assert aot_main([TINY, "--topology=cpu-8", "--config.train.batch_queries=12"]) == 2
   assert "not divisible by the mesh" in capsys.readouterr().err
 
 
@@ -103,9 +106,9 @@ def run_aot(*args) -> subprocess.CompletedProcess:
 
 @needs_libtpu
 def test_tpu_slice_devices_match_the_table():
-  code = ("from o1jax import aot\n"
+  code = ("from o1jax.aot import topology\n"
           "for name in ('v5p-64', 'v5p-128', 'v5e-256', 'v4-8', 'v6e-8'):\n"
-          "  t = aot.resolve_topology(name)\n"
+          "  t = topology.resolve_topology(name)\n"
           "  print(name, len(t.devices), t.chips, t.hbm_bytes_per_device / 2**30, t.devices[0].device_kind)\n")
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                         env=subprocess_env())

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 from o1jax.data import readers
-from o1jax.eval import baselines, bm25, runner
+from o1jax.eval import baselines
+from o1jax.eval.evaluation import evaluate_dense, format_table, write_evaluation
 from o1jax.eval.run_file import read_run
+from o1jax.retrieval import bm25
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,7 @@ def test_bm25_scifact(scifact, tmp_path):
   assert 0.65 <= evaluation.metrics["ndcg@10"] <= 0.70
   assert evaluation.metrics["recall@1000"] >= evaluation.metrics["recall@100"] >= 0.85
   assert set(evaluation.per_query["ndcg@10"]) == set(scifact.qrels)
-  runner.write_evaluation(tmp_path, "BM25", evaluation)
+  write_evaluation(tmp_path, "BM25", evaluation)
   assert read_run(tmp_path / "BM25.trec") == evaluation.run
   saved = json.loads((tmp_path / "BM25.metrics.json").read_text())
   assert saved["metrics"] == evaluation.metrics and saved["per_query"]["mrr@10"] == evaluation.per_query["mrr@10"]
@@ -32,7 +34,7 @@ def test_minilm_scifact(scifact):
   # all-MiniLM-L6-v2 on MTEB SciFact: nDCG@10 = 0.6451 (MTEB leaderboard / model card); the band allows for
   # library versions and this corpus rebuild (same text, see beir-scifact/SOURCE.md).
   assert 0.62 <= evaluation.metrics["ndcg@10"] <= 0.67
-  table = runner.format_table({"MiniLM": evaluation.metrics})
+  table = format_table({"MiniLM": evaluation.metrics})
   assert "MiniLM" in table and f"{evaluation.metrics['ndcg@10']:.4f}" in table
 
 
@@ -59,16 +61,16 @@ def test_runner_seam_with_any_encoder():
   dataset = readers.BeirDataset(
       corpus={"d1": readers.Doc("", "cat cat"), "d2": readers.Doc("dog", "dog"), "q2": readers.Doc("", "bird")},
       queries={"q1": "cat", "q2": "bird dog"}, qrels={"q1": {"d1": 1}, "q2": {"d2": 1}})
-  evaluation = runner.evaluate_dense(dataset, encode, encode, k=2, search_backend="exact")
+  evaluation = evaluate_dense(dataset, encode, encode, k=2, search_backend="exact")
   assert evaluation.run["q2"] == {"d2": 2.0, "q2": 1.0}
-  no_self = runner.evaluate_dense(dataset, encode, encode, k=2, search_backend="exact", remove_self_hits=True)
+  no_self = evaluate_dense(dataset, encode, encode, k=2, search_backend="exact", remove_self_hits=True)
   assert "q2" not in no_self.run["q2"] and no_self.metrics["mrr@10"] == 1.0
   with pytest.raises(ValueError, match="encode_docs returned shape"):
-    runner.evaluate_dense(dataset, encode, lambda texts: encode(texts)[:1])
+    evaluate_dense(dataset, encode, lambda texts: encode(texts)[:1])
 
 
 def test_format_table():
-  table = runner.format_table({"BM25": {"ndcg@10": 0.5, "mrr@10": 0.25}, "o1jax (think)": {"ndcg@10": 0.71234}})
+  table = format_table({"BM25": {"ndcg@10": 0.5, "mrr@10": 0.25}, "o1jax (think)": {"ndcg@10": 0.71234}})
   lines = table.splitlines()
   assert lines[0].split() == ["system", "ndcg@10", "mrr@10"]
   assert lines[2].split() == ["BM25", "0.5000", "0.2500"]

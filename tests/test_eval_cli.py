@@ -16,10 +16,10 @@ import pytrec_eval
 from o1jax import train
 from o1jax.data import synthetic
 from o1jax.data.readers import load_beir
-from o1jax.eval import metrics, o1
+from o1jax.eval import metrics, retriever_eval
 from o1jax.eval.__main__ import main
 from o1jax.eval.run_file import cut_run, read_run
-from o1jax.retriever import Retriever, Sampling
+from o1jax.retrieval.retriever import Retriever, Sampling
 from o1jax.templates import document_text
 from o1jax.tokenizer import load_tokenizer
 from test_retriever import tiny_model_dir  # pylint: disable=wrong-import-order  (tests/ is on sys.path)
@@ -43,7 +43,7 @@ def write_beir(directory, corpus, queries, qrels):
 
 @pytest.fixture(scope="module")
 def scifact_subset(shared_dir, tmp_path_factory):
-  full = o1.first_queries(load_beir(shared_dir / "data" / "beir-scifact", "test"), 32)
+  full = retriever_eval.first_queries(load_beir(shared_dir / "data" / "beir-scifact", "test"), 32)
   judged = {d for docs in full.qrels.values() for d in docs}
   others = [d for d in full.corpus if d not in judged][:300]
   corpus = {d: (full.corpus[d].title, full.corpus[d].text) for d in [*sorted(judged), *others]}
@@ -156,9 +156,9 @@ def test_evaluation_during_training_is_logged_and_matches_the_checkpoint(tmp_pat
   assert sorted(logged) == [3, 6] and all(set(m) == set(metrics.DEFAULT_MEASURES) for m in logged.values())
   assert logged[3] != logged[6]
   retriever = Retriever.from_pretrained(ckpt)
-  dataset = o1.first_queries(load_beir(dev, "test"), 48)
-  o1.index_corpus(retriever, dataset, backend="exact", cache_dir=tmp_path / "cache")
-  evaluation = o1.evaluate(retriever, dataset, 2, sampling=Sampling(max_new_tokens=4), rng=0)
+  dataset = retriever_eval.first_queries(load_beir(dev, "test"), 48)
+  retriever_eval.index_corpus(retriever, dataset, backend="exact", cache_dir=tmp_path / "cache")
+  evaluation = retriever_eval.evaluate(retriever, dataset, 2, sampling=Sampling(max_new_tokens=4), rng=0)
   assert evaluation.metrics == pytest.approx(logged[6], abs=1e-6)
   with pytest.raises(train.o1config.ConfigError, match="config.eval.every=2: must be 0 .off. or a positive multiple"):
     train.main([f"--config={ROOT / 'configs' / 'tiny_cpu.py'}", "--config.log.every=3", "--config.eval.every=2",

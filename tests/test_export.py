@@ -1,6 +1,6 @@
 """Export of a trained retriever: a LoRA run of tiny_cpu is exported with `o1jax.export`, loaded back with
 transformers (`AutoModelForCausalLM` + `AutoTokenizer`), and transformers — driven by the model card's own code —
-computes the same query and document embeddings as o1jax's `Trainer.embed` on the training state (<= 1e-4, fp32)
+computes the same query and document embeddings as o1jax's embedder on the restored training state (<= 1e-4, fp32)
 and generates the same greedy thoughts as `o1jax.generate.Generator`.
 """
 import os
@@ -14,11 +14,15 @@ import pytest
 import torch
 import transformers
 
-from o1jax import checkpoint, export, model_card, sharding, templates, train
+from o1jax import checkpoint, config as o1config, export, sharding, templates, train
 from o1jax.data import synthetic
+from o1jax.export import model_card
+from o1jax.export.__main__ import main as export_main
 from o1jax.generate import Generator
+from o1jax.retrieval import loading
+from o1jax.retrieval.embedder import SequenceEmbedder
 from o1jax.tokenizer import SPECIAL_TOKENS, SpecialIds
-from o1jax.train_step import Trainer
+from o1jax.training.trainer import Trainer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS, EVERY = 40, 20
@@ -39,13 +43,13 @@ def ckpt_dir(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def training(ckpt_dir):
-  """(Trainer, restored training state on the 8-device mesh, run tokenizer) at the last step: o1jax's own view,
-  with the LoRA adapters applied unmerged."""
+  """(Trainer, restored training state on the 8-device mesh, run tokenizer) at the last step: o1jax's own view."""
   config, model_cfg, tokenizer = checkpoint.load_run_files(str(ckpt_dir))
-  trainer = Trainer(model_cfg, config, sharding.make_mesh(config.mesh), SpecialIds.from_tokenizer(tokenizer))
+  trainer = Trainer(model_cfg, o1config.trainer_settings(config), sharding.make_mesh(config.mesh),
+                    SpecialIds.from_tokenizer(tokenizer))
   ckpt = checkpoint.Checkpointer(str(ckpt_dir), EVERY, 2)
   try:
-    state, _ = ckpt.restore(STEPS, checkpoint.abstract_like(trainer.abstract_state, trainer.state_shardings))
+    state, _ = ckpt.restore(STEPS, trainer.abstract_state_with_shardings())
   finally:
     ckpt.close()
   return trainer, state, tokenizer
@@ -77,7 +81,7 @@ def test_training_left_nonzero_lora_b_so_the_merge_matters(training, ckpt_dir):
   leaves = jax.tree_util.tree_flatten_with_path(state["lora"])[0]
   b = {jax.tree_util.keystr(path): np.abs(np.asarray(x)).max() for path, x in leaves if "lora_b" in str(path)}
   assert len(b) == 7 and min(b.values()) > 0, b
-  _, merged, _ = export.load_checkpoint_for_inference(ckpt_dir)
+  _, merged, _ = loading.load_checkpoint_for_inference(ckpt_dir)
   base = np.asarray(state["params"]["layers"]["mlp"]["down_proj"]["kernel"])
   assert np.abs(merged["layers"]["mlp"]["down_proj"]["kernel"] - base).max() > 100 * ATOL
 
@@ -134,8 +138,8 @@ def test_transformers_embeddings_equal_o1jax(card, training):
       sequences.append(seq)
     doc = templates.document_sequence(words(r["positives"][0]), special, 512)
     sequences.append(doc)
-  ids, mask = templates.pad_right(sequences, max(map(len, sequences)), special.pad)
-  ours = np.asarray(trainer.embed(state, ids, mask))
+  embedder = SequenceEmbedder(trainer.model_cfg, jax.device_get(trainer.inference_params(state)), trainer.mesh)
+  ours = embedder.embed(sequences)
   theirs = np.stack([card["embed"](seq).numpy() for seq in sequences])
   np.testing.assert_allclose(np.linalg.norm(theirs, axis=1), 1.0, atol=1e-6)
   np.testing.assert_allclose(theirs, ours, rtol=0, atol=ATOL)
@@ -145,7 +149,7 @@ def test_transformers_embeddings_equal_o1jax(card, training):
 
 def test_greedy_thoughts_equal_o1jax_generator(card, ckpt_dir, training):
   _, _, tok = training
-  cfg, params, _ = export.load_checkpoint_for_inference(ckpt_dir)
+  cfg, params, _ = loading.load_checkpoint_for_inference(ckpt_dir)
   prompts = [card["query_prefix"](r["query"]) for r in records(4)]
   ours = Generator(cfg, params).generate(prompts, max_new_tokens=12)
   model = card["model"]
@@ -166,11 +170,11 @@ def test_card_samples_k_thoughts_and_averages(card, hf_dir):
 
 
 def test_step_flag_exports_that_step_and_existing_out_is_refused(ckpt_dir, hf_dir, tmp_path):
-  cfg20, params20, _ = export.load_checkpoint_for_inference(ckpt_dir, step=EVERY)
-  _, params40, _ = export.load_checkpoint_for_inference(ckpt_dir)
+  cfg20, params20, _ = loading.load_checkpoint_for_inference(ckpt_dir, step=EVERY)
+  _, params40, _ = loading.load_checkpoint_for_inference(ckpt_dir)
   assert not np.array_equal(params20["layers"]["self_attn"]["q_proj"]["kernel"],
                             params40["layers"]["self_attn"]["q_proj"]["kernel"])
-  export.main([f"--checkpoint={ckpt_dir}", f"--out={tmp_path / 'hf20'}", f"--step={EVERY}", "--dtype=bfloat16"])
+  export_main([f"--checkpoint={ckpt_dir}", f"--out={tmp_path / 'hf20'}", f"--step={EVERY}", "--dtype=bfloat16"])
   model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf20")
   assert model.dtype == torch.bfloat16
   q = model.state_dict()["model.layers.0.self_attn.q_proj.weight"].float().numpy()
@@ -178,7 +182,7 @@ def test_step_flag_exports_that_step_and_existing_out_is_refused(ckpt_dir, hf_di
   with pytest.raises(FileExistsError, match="exists"):
     export.export(ckpt_dir, hf_dir)
   with pytest.raises(FileNotFoundError, match="no checkpoint at step 7; saved steps: \\[20, 40\\]"):
-    export.load_checkpoint_for_inference(ckpt_dir, step=7)
+    loading.load_checkpoint_for_inference(ckpt_dir, step=7)
 
 
 def test_cli_names_a_directory_that_is_no_checkpoint(tmp_path):

@@ -19,7 +19,9 @@ import jax
 import numpy as np
 import pytest
 
-from o1jax import export
+from o1jax.retrieval import loading
+
+pytestmark = pytest.mark.e2e
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS, EVERY, KILL_AFTER = 12, 4, 6
@@ -133,7 +135,7 @@ def test_two_processes_resume_after_sigkill_with_the_losses_of_one_process(runs)
 
 def test_the_pairs_checkpoint_loads_on_one_host_device_like_the_single_process_one(runs):
   tmp, *_ = runs
-  _, multi, _ = export.load_checkpoint_for_inference(tmp / "multi_ckpt", step=STEPS)
-  _, single, _ = export.load_checkpoint_for_inference(tmp / "single_ckpt", step=STEPS)
+  _, multi, _ = loading.load_checkpoint_for_inference(tmp / "multi_ckpt", step=STEPS)
+  _, single, _ = loading.load_checkpoint_for_inference(tmp / "single_ckpt", step=STEPS)
   for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(multi)[0], jax.tree.leaves(single)):
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5, err_msg=jax.tree_util.keystr(path))

@@ -5,12 +5,12 @@ Shards are written by `data_tools.synthesize.write_shard` (its writer, sidecar a
 built directly (no LLM): the synthetic world's records in the `data_tools.record` layout.
 """
 import argparse
+import dataclasses
 import json
 import logging
 import pathlib
 import shutil
 
-import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -22,6 +22,7 @@ from data_tools import synthesize
 from o1jax import templates, train
 from o1jax.data import batching, pipeline, synthetic, tfrecord
 from o1jax.tokenizer import SpecialIds
+from o1jax.training import sources
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SPEC = synthetic.SyntheticSpec(num_topics=4, docs_per_topic=4, queries_per_doc=2)  # 32 records
@@ -205,12 +206,11 @@ def test_train_reads_skip_bad_from_the_config(copy, caplog):
   path = shard_path(copy, 2)
   offsets = record_offsets(path)
   corrupt_byte(path, offsets[1] + 12 + 3)  # record 1's payload
-  config = ml_collections.ConfigDict({"data": {"kind": "tfrecord", "train_files": [str(path)], "skip_bad": False}})
+  data = sources.DataSource(kind="tfrecord", train_files=(str(path),), skip_bad=False)
   with pytest.raises(tfrecord.TFRecordError, match="record 1 at byte offset"):
-    list(train.load_records(config))
-  config.data.skip_bad = True
+    list(sources.load_records(data))
   with caplog.at_level(logging.WARNING):
-    source = train.load_records(config)
+    source = sources.load_records(dataclasses.replace(data, skip_bad=True))
   assert len(source) == len(offsets) - 1
   assert f"skipped a bad training record: {path}: record 1 at byte offset {offsets[1]}" in caplog.text
 

@@ -12,7 +12,7 @@ import transformers
 
 from o1jax.convert import save_hf
 from o1jax.model import ModelConfig, init_params
-from o1jax.retriever import Retriever, Sampling
+from o1jax.retrieval.retriever import Retriever, Sampling
 from o1jax.tokenizer import add_special_tokens, load_tokenizer
 
 QUERIES = ["what causes scurvy?", "Does vitamin C shorten colds?", "0-dimensional biomaterials lack inductive "

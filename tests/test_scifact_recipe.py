@@ -9,10 +9,12 @@ import subprocess
 
 import pytest
 
+from launch import report
 from o1jax import config as o1config
 from o1jax.data.readers import load_beir
-from o1jax.eval import report
 from test_launch import clean_env  # pylint: disable=wrong-import-order  (tests/ is on sys.path)
+
+pytestmark = pytest.mark.e2e
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "launch" / "results" / "scifact"

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from o1jax.eval import search
+from o1jax.retrieval import search
 
 
 def _numpy_top_k(queries, db, k):
@@ -72,11 +72,11 @@ def scifact_embeddings(shared_dir):
   """MiniLM embeddings of the SciFact corpus (cached on disk outside the repo) and its 300 test queries."""
   from o1jax.data.readers import load_beir
   from o1jax.eval.baselines import cached_doc_encoder
-  from o1jax.eval.runner import doc_text
-  from o1jax.eval.st_encoder import SentenceEncoder
+  from o1jax.retrieval.sentence_encoder import SentenceEncoder
+  from o1jax.templates import document_text
   dataset = load_beir(shared_dir / "data/beir-scifact", "test")
   encoder = SentenceEncoder()
-  docs = cached_doc_encoder(encoder)([doc_text(dataset.corpus[d]) for d in dataset.corpus])
+  docs = cached_doc_encoder(encoder)([document_text(d.title, d.text) for d in dataset.corpus.values()])
   queries = encoder.encode(list(dataset.queries.values()))
   return docs, queries
 

@@ -9,14 +9,12 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 
 from o1jax import checkpoint, config as o1config
 from o1jax import sharding, train
-from o1jax.tokenizer import SpecialIds
-from o1jax.train_step import Trainer
+from o1jax.training.trainer import shape_only_trainer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = f"--config={ROOT / 'configs' / 'tiny_cpu.py'}"
@@ -121,31 +119,16 @@ def test_cli_exits_with_the_message():
   assert "config.train.lengths.doc=1 cannot hold the document template" in proc.stderr
 
 
-def abstract_batch(config, trainer):
-  t = config.train
-  q, g, lengths = t.batch_queries, t.group_size, t.lengths
-  shard = sharding.batch_sharding(trainer.mesh)
-  ids = lambda rows, length: jax.ShapeDtypeStruct((rows, length), np.int32, sharding=shard)
-  return {"query_ids": ids(q, lengths.query_thought), "query_mask": ids(q, lengths.query_thought),
-          "query_loss_mask": ids(q, lengths.query_thought), "doc_ids": ids(q * g, lengths.doc),
-          "doc_mask": ids(q * g, lengths.doc)}
-
-
 def compile_recipe(name: str, *overrides: str):
   config = o1config.load([f"--config={ROOT / 'configs' / name}", *overrides])
-  mesh = sharding.make_mesh(config.mesh)
-  vocab = config.model.arch.vocab_size
-  special = SpecialIds(query=vocab, query_end=vocab + 1, thought=vocab + 2, emb=vocab + 3, eos=2, bos=1, pad=0)
-  trainer = Trainer(o1config.model_config(config, None).replace(vocab_size=vocab + 4), config, mesh, special)
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), trainer.abstract_state,
-                       trainer.state_shardings)
-  # Trainer has no public lowering entry point yet (requested from its owner): its jitted step under its context.
-  with trainer._context():  # pylint: disable=protected-access
-    return trainer._step.lower(state, abstract_batch(config, trainer)).compile()  # pylint: disable=protected-access
+  run = o1config.settings(config)
+  trainer = shape_only_trainer(run.model, run.data, run.trainer, sharding.make_mesh(config.mesh))
+  return trainer.lower_step(trainer.abstract_state_with_shardings(), run.batch.shape().abstract(trainer.mesh)).compile()
 
 
+@pytest.mark.e2e
 def test_mistral7b_lora_recipe_compiles_on_8_devices_reduced_depth():
-  """Full depth (91 s here): `XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m o1jax.bench train
-  --compile-only=configs/mistral7b.py`; depth barely changes compile time (scanned layers)."""
+  """Full depth (91 s here): `python -m o1jax.aot --config=configs/mistral7b.py --topology=cpu-8`; depth barely
+  changes compile time (scanned layers)."""
   compiled = compile_recipe("mistral7b.py:lora", "--config.model.arch.num_hidden_layers=2")
   assert compiled.cost_analysis() is not None

@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from o1jax import optim, sharding, train_step
+from o1jax import config as o1config, optim, sharding
+from o1jax.data.batch import BatchShape
+from o1jax.retrieval.embedder import SequenceEmbedder
+from o1jax.training import objective, trainable
+from o1jax.training.trainer import Trainer
 from o1jax.model import Decoder, ModelConfig
 from o1jax.tokenizer import SpecialIds
 
@@ -33,6 +37,10 @@ def make_config(**train) -> ml_collections.ConfigDict:
       "optim": {"lr": 1e-2, "warmup_frac": 0.0, "warmup": "linear", "decay": "linear", "weight_decay": 0.01,
                 "b1": 0.9, "b2": 0.999, "eps": 1e-8, "clip_norm": 1.0},
   })
+
+
+def make_settings(**train):
+  return o1config.trainer_settings(make_config(**train))
 
 
 def make_mesh(data, fsdp, tensor):
@@ -72,7 +80,7 @@ def batch():
 @pytest.fixture(scope="module")
 def baseline(batch):
   """One-device run: host parameters, gradients, metrics, and the state after one step."""
-  trainer = train_step.Trainer(TINY, make_config(), make_mesh(1, 1, 1), SPECIAL)
+  trainer = Trainer(TINY, make_settings(), make_mesh(1, 1, 1), SPECIAL)
   state = trainer.init_state(jax.random.key(0))
   params = jax.device_get(state["params"])
   grads, metrics = jax.device_get(trainer.grads(state, trainer.shard_batch(batch)))
@@ -89,14 +97,14 @@ def assert_trees_close(actual, expected, rtol=2e-4, atol=2e-6):
                                err_msg=jax.tree_util.keystr(path))
 
 
-def assert_metrics_close(actual, expected, keys=train_step.METRICS):
+def assert_metrics_close(actual, expected, keys=objective.METRICS):
   for key in keys:
     np.testing.assert_allclose(float(actual[key]), float(expected[key]), rtol=2e-5, atol=1e-6, err_msg=key)
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1), (8, 1, 1)])
 def test_sharded_gradients_match_one_device(shape, batch, baseline):
-  trainer = train_step.Trainer(TINY, make_config(), make_mesh(*shape), SPECIAL)
+  trainer = Trainer(TINY, make_settings(), make_mesh(*shape), SPECIAL)
   state = trainer.init_state(jax.random.key(0), baseline["params"])
   grads, metrics = trainer.grads(state, trainer.shard_batch(batch))
   assert_metrics_close(metrics, baseline["metrics"])
@@ -104,7 +112,7 @@ def test_sharded_gradients_match_one_device(shape, batch, baseline):
 
 
 def test_sharded_step_matches_one_device(batch, baseline):
-  trainer = train_step.Trainer(TINY, make_config(), make_mesh(2, 2, 2), SPECIAL)
+  trainer = Trainer(TINY, make_settings(), make_mesh(2, 2, 2), SPECIAL)
   state = trainer.init_state(jax.random.key(0), baseline["params"])
   new_state, metrics = trainer.step(state, trainer.shard_batch(batch))
   assert_metrics_close(metrics, baseline["step_metrics"])
@@ -120,7 +128,7 @@ def test_sharded_step_matches_one_device(batch, baseline):
 def test_step_updates_only_special_token_rows_of_frozen_embeddings(baseline):
   before, after = baseline["params"], baseline["state"]["params"]
   for name, axis in (("embed_tokens", 0), ("lm_head", 1)):
-    leaf = train_step.EMBEDDINGS[name][0]
+    leaf = trainable.EMBEDDINGS[name][0]
     b, a = np.moveaxis(before[name][leaf], axis, 0), np.moveaxis(after[name][leaf], axis, 0)
     other = np.setdiff1d(np.arange(TINY.vocab_size), SPECIAL_ROWS)
     np.testing.assert_array_equal(a[other], b[other], err_msg=name)
@@ -130,7 +138,7 @@ def test_step_updates_only_special_token_rows_of_frozen_embeddings(baseline):
 
 def test_state_is_sharded_by_the_rules(baseline):
   mesh = make_mesh(2, 2, 2)
-  trainer = train_step.Trainer(TINY, make_config(), mesh, SPECIAL)
+  trainer = Trainer(TINY, make_settings(), mesh, SPECIAL)
   shardings = trainer.state_shardings
   q_proj = shardings["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
   assert q_proj.spec == PartitionSpec(None, "fsdp", "tensor")
@@ -145,7 +153,7 @@ def test_state_is_sharded_by_the_rules(baseline):
 
 
 def test_init_is_deterministic_and_places_given_params(baseline):
-  trainer = train_step.Trainer(TINY, make_config(), make_mesh(1, 8, 1), SPECIAL)
+  trainer = Trainer(TINY, make_settings(), make_mesh(1, 8, 1), SPECIAL)
   random_a = jax.device_get(trainer.init_state(jax.random.key(0))["params"])
   random_b = jax.device_get(trainer.init_state(jax.random.key(0))["params"])
   assert_trees_close(random_a, random_b, rtol=0, atol=0)
@@ -155,7 +163,7 @@ def test_init_is_deterministic_and_places_given_params(baseline):
 
 
 def test_gradcache_gradients_equal_plain_gradients(batch, baseline):
-  trainer = train_step.Trainer(TINY, make_config(gradcache_chunk=8), make_mesh(2, 2, 2), SPECIAL)
+  trainer = Trainer(TINY, make_settings(gradcache_chunk=8), make_mesh(2, 2, 2), SPECIAL)
   state = trainer.init_state(jax.random.key(0), baseline["params"])
   grads, metrics = trainer.grads(state, trainer.shard_batch(batch))
   assert_metrics_close(metrics, baseline["metrics"])
@@ -169,8 +177,8 @@ def test_accumulation_weights_lm_loss_by_token_count(batch):
   uneven["query_loss_mask"] = batch["query_loss_mask"].copy()
   uneven["query_loss_mask"][1::2] = 0  # micro-batch 1 (odd queries) keeps no supervised token
   mesh = make_mesh(4, 1, 1)
-  plain = train_step.Trainer(TINY, make_config(w_ctr=0.0, w_distill=0.0), mesh, SPECIAL)
-  accum = train_step.Trainer(TINY, make_config(w_ctr=0.0, w_distill=0.0, grad_accum_steps=2), mesh, SPECIAL)
+  plain = Trainer(TINY, make_settings(w_ctr=0.0, w_distill=0.0), mesh, SPECIAL)
+  accum = Trainer(TINY, make_settings(w_ctr=0.0, w_distill=0.0, grad_accum_steps=2), mesh, SPECIAL)
   params = jax.device_get(plain.init_state(jax.random.key(3))["params"])
   g_plain, m_plain = plain.grads(plain.init_state(jax.random.key(0), params), plain.shard_batch(uneven))
   g_accum, m_accum = accum.grads(accum.init_state(jax.random.key(0), params), accum.shard_batch(uneven))
@@ -181,8 +189,7 @@ def test_accumulation_weights_lm_loss_by_token_count(batch):
 
 
 def test_lora_starts_at_the_base_model_and_trains_only_adapters(batch, baseline):
-  config = make_config(finetune="lora", train_special_tokens=False)
-  trainer = train_step.Trainer(TINY, config, make_mesh(2, 2, 2), SPECIAL)
+  trainer = Trainer(TINY, make_settings(finetune="lora", train_special_tokens=False), make_mesh(2, 2, 2), SPECIAL)
   state = trainer.init_state(jax.random.key(0), baseline["params"])
   lora_before = jax.device_get(state["lora"])
   # Frozen base: the optimizer holds moments for the adapters only.
@@ -199,9 +206,11 @@ def test_lora_starts_at_the_base_model_and_trains_only_adapters(batch, baseline)
 
 
 def test_embed_pads_rows_and_matches_the_model(baseline):
-  trainer = train_step.Trainer(TINY, make_config(), make_mesh(2, 2, 2), SPECIAL)
+  trainer = Trainer(TINY, make_settings(), make_mesh(2, 2, 2), SPECIAL)
   ids, mask = _rows(np.random.RandomState(7), 5, LD, 2)  # 5 rows: not a multiple of the 4 batch shards
-  got = np.asarray(trainer.embed(baseline["params"], ids, mask))
+  params = trainer.inference_params(trainer.init_state(jax.random.key(0), baseline["params"]))
+  embedder = SequenceEmbedder(TINY, jax.device_get(params), trainer.mesh)
+  got = embedder.embed([row[:real] for row, real in zip(ids, mask.sum(1))])
   hidden = np.asarray(Decoder(TINY).apply({"params": baseline["params"]}, ids, np.maximum(mask.cumsum(1) - 1, 0),
                                           mask), np.float64)
   last = hidden[np.arange(5), mask.sum(1) - 1]
@@ -209,7 +218,7 @@ def test_embed_pads_rows_and_matches_the_model(baseline):
 
 
 def test_bad_batch_names_the_field(batch):
-  trainer = train_step.Trainer(TINY, make_config(), make_mesh(1, 1, 1), SPECIAL)
+  trainer = Trainer(TINY, make_settings(), make_mesh(1, 1, 1), SPECIAL)
   state = trainer.init_state(jax.random.key(0))
   short = {**batch, "doc_ids": batch["doc_ids"][:Q], "doc_mask": batch["doc_mask"][:Q]}
   with pytest.raises(ValueError, match="doc_ids has 16 rows"):
@@ -219,14 +228,14 @@ def test_bad_batch_names_the_field(batch):
 
 
 def test_flops_per_step_convention():
-  full = train_step.Trainer(TINY, make_config(), make_mesh(1, 1, 1), SPECIAL)
-  shapes = {"query_ids": (Q, LQ), "doc_ids": (Q * G, LD)}
+  full = Trainer(TINY, make_settings(), make_mesh(1, 1, 1), SPECIAL)
+  shapes = BatchShape(Q, G, LQ, LD)
   tokens = Q * LQ + Q * G * LD
   layer = 32 * 32 * 2 + 32 * 16 * 2 + 3 * 32 * 64  # q, o; k, v; gate, up, down
   attention = 12 * 2 * 4 * 8 * (Q * LQ * LQ + Q * G * LD * LD)
   head = 6 * 32 * 64 * Q * LQ  # special-token rows trained: the head's weight gradient is computed
   assert full.flops_per_step(shapes) == 6 * 2 * layer * tokens + attention + head
-  lora_trainer = train_step.Trainer(TINY, make_config(finetune="lora", train_special_tokens=False),
+  lora_trainer = Trainer(TINY, make_settings(finetune="lora", train_special_tokens=False),
                                     make_mesh(1, 1, 1), SPECIAL)
   adapters = 2 * 4 * ((32 + 32) * 2 + (32 + 16) + (64 + 32))  # layers * rank * (in + out) per target
   assert lora_trainer.flops_per_step(shapes) == (4 * 2 * layer * tokens + 6 * adapters * tokens + attention
@@ -235,15 +244,15 @@ def test_flops_per_step_convention():
 
 def test_schedule_values_by_hand():
   base = {"lr": 1.0, "warmup_frac": 0.25, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "clip_norm": 1.0}
-  lin = optim.schedule({**base, "warmup": "linear", "decay": "linear"}, 8)
+  lin = optim.schedule(optim.OptimConfig(**base, warmup="linear", decay="linear"), 8)
   assert [float(lin(s)) for s in range(9)] == pytest.approx([0, 0.5, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0])
-  log = optim.schedule({**base, "warmup": "log", "decay": "cosine"}, 8)
+  log = optim.schedule(optim.OptimConfig(**base, warmup="log", decay="cosine"), 8)
   assert float(log(0)) == 0 and float(log(1)) == pytest.approx(np.log(2) / np.log(2))
   assert float(log(2)) == pytest.approx(1.0)
   assert float(log(5)) == pytest.approx(0.5)  # halfway through the cosine
   assert float(log(8)) == pytest.approx(0.0, abs=1e-7)
   with pytest.raises(ValueError, match="config.optim.warmup"):
-    optim.schedule({**base, "warmup": "exp", "decay": "linear"}, 8)
+    optim.schedule(optim.OptimConfig(**base, warmup="exp", decay="linear"), 8)
 
 
 def test_weight_decay_mask():

@@ -24,9 +24,10 @@ import numpy as np
 from data_tools import inputs
 from data_tools.committee import BM25Member, Committee, sentence_transformer_member
 from data_tools.record import ThoughtRecord, read_shard
-from o1jax import config as o1config, sharding, templates, train
+from o1jax import config as o1config, sharding, templates
 from o1jax.data import batching, pipeline, readers, synthetic, tfrecord
-from o1jax.train_step import Trainer
+from o1jax.training import sources
+from o1jax.training.trainer import Trainer
 
 _SHARDS = 4
 
@@ -65,22 +66,21 @@ def pipeline_vs_step(name: str, overrides: list[str], pattern: str, batches: int
   """Examples/s of the full input pipeline from `pattern` and of config `name`'s training step; their ratio."""
   config = o1config.load([f"--config=configs/{name}.py", "--config.checkpoint.dir=", *overrides])
   o1config.validate(config, jax.device_count())
-  model_cfg, params, tokenizer, special = train.build_model(config)
-  t = config.train
-  spec = batching.BatchSpec(t.batch_queries, t.group_size, templates.Lengths(**t.lengths), t.thought_drop,
-                            config.data.shuffle_seed)
+  run = o1config.settings(config)
+  model_cfg, params, tokenizer, special = sources.build_model(run.model, run.data)
+  spec = run.batch
 
   start = time.perf_counter()
   source = pipeline.open_source([pattern])
   batcher = batching.Batcher(source, tokenizer, special, spec)
   prefetch = batching.Prefetcher(batcher, 0)
   host = [next(prefetch) for _ in range(batches)][0]
-  input_rate = batches * t.batch_queries / (time.perf_counter() - start)
+  input_rate = batches * spec.batch_queries / (time.perf_counter() - start)
   prefetch.close()
   source.close()
 
-  trainer = Trainer(model_cfg, config, sharding.make_mesh(config.mesh), special)
-  holder = {"state": trainer.init_state(jax.random.key(config.seed), params)}
+  trainer = Trainer(model_cfg, run.trainer, sharding.make_mesh(config.mesh), special)
+  holder = {"state": trainer.init_state(jax.random.key(run.seed), params)}
   batch = trainer.shard_batch(host)
 
   def step() -> float:
@@ -90,10 +90,10 @@ def pipeline_vs_step(name: str, overrides: list[str], pattern: str, batches: int
     return time.perf_counter() - begin
 
   step()  # compile
-  step_rate = t.batch_queries / float(np.median([step() for _ in range(steps)]))
+  step_rate = spec.batch_queries / float(np.median([step() for _ in range(steps)]))
   print(f"[{name}] input pipeline ({len(source)} records in {_SHARDS} shards, index + read + decode + template + "
         f"tokenize + pad, prefetched): {input_rate:,.0f} examples/s; training step consumes {step_rate:,.1f} "
-        f"examples/s ({t.batch_queries} queries x {t.group_size} passages); ratio {input_rate / step_rate:,.1f}x "
+        f"examples/s ({spec.batch_queries} queries x {spec.group_size} passages); ratio {input_rate / step_rate:,.1f}x "
         f"(goal >= 10x)")
 
 
@@ -110,7 +110,7 @@ def main(argv: list[str]) -> None:
 
   beir = readers.load_beir(args.dataset, "train")
   queries = [q for q in inputs.from_beir(beir) if q.positives][:args.num_queries]
-  docs = [inputs.doc_text(d) for d in beir.corpus.values()]
+  docs = [templates.document_text(d.title, d.text) for d in beir.corpus.values()]
   rng = np.random.default_rng(0)
   candidates = [[" ".join(docs[i].split()[:48]) for i in rng.choice(len(docs), args.k, replace=False)]
                 for _ in queries]

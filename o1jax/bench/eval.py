@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from o1jax.eval import search
+from o1jax.retrieval import search
 
 
 def clustered_corpus(num_docs: int, num_queries: int, dim: int, clusters: int, seed: int = 0
@@ -65,7 +65,7 @@ def compare(name: str, docs: np.ndarray, queries: np.ndarray, k: int,
 
 
 def o1jax_speed(checkpoint: str, texts: list[str], queries: list[str], think: int, max_new_tokens: int) -> None:
-  from o1jax.retriever import Retriever, Sampling
+  from o1jax.retrieval.retriever import Retriever, Sampling
   retriever = Retriever.from_pretrained(checkpoint, fingerprint=None)  # no cache: time the model
   first_s = _timed(lambda: retriever.encode_docs(texts))
   steady_s = _timed(lambda: retriever.encode_docs(texts))
@@ -108,20 +108,18 @@ def main(argv: list[str]) -> None:
     return
   from o1jax.data.readers import load_beir
   from o1jax.eval.baselines import cached_doc_encoder
-  from o1jax.eval.runner import doc_text
-  from o1jax.eval.st_encoder import SentenceEncoder
+  from o1jax.retrieval.sentence_encoder import SentenceEncoder
+  from o1jax.templates import document_text
   dataset = load_beir(args.dataset, "test")
-  texts = [doc_text(doc) for doc in dataset.corpus.values()]
+  texts = [document_text(doc.title, doc.text) for doc in dataset.corpus.values()]
   encoder = SentenceEncoder()
   sample = texts[:args.encode_docs]
   encode_s = _timed(lambda: encoder.encode(sample))
   print(f"MiniLM corpus encoding: {len(sample) / encode_s:.1f} docs/s ({len(sample)} SciFact docs, "
         f"max_seq_length {encoder.max_seq_length}, torch CPU)")
   if args.checkpoint:
-    from o1jax.templates import document_text
-    docs = list(dataset.corpus.values())[:args.encode_docs]
-    o1jax_speed(args.checkpoint, [document_text(d.title, d.text) for d in docs],
-                list(dataset.queries.values())[:args.latency_queries], args.think, args.max_new_tokens)
+    o1jax_speed(args.checkpoint, sample, list(dataset.queries.values())[:args.latency_queries], args.think,
+                args.max_new_tokens)
   if args.skip_search:
     return
   compare("SciFact MiniLM", cached_doc_encoder(encoder)(texts), encoder.encode(list(dataset.queries.values())),

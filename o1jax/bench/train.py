@@ -1,10 +1,10 @@
-"""Train-step benchmark: `python -m o1jax.bench train [--gguf=FILE] [--steps=N] [--compile-only=configs/X.py]`.
+"""Train-step benchmark: `python -m o1jax.bench train [--gguf=FILE] [--steps=N]`.
 
 For tiny_cpu and (given the GGUF file, or O1JAX_SHARED) smollm2_135m, both with full fine-tuning: step time,
 tokens/s, achieved FLOP/s / the fp32 matmul peak measured at start-up, peak host memory; then the same step
 (same weights, batch, lengths, losses and AdamW update) written with transformers' PyTorch `LlamaForCausalLM`,
-timed in the same run, and the ratio. `--compile-only` instead lowers and compiles a config's step for the
-current devices from shapes alone (e.g. Mistral-7B on 8 fake CPU devices) and prints XLA's memory analysis.
+timed in the same run, and the ratio. (Compiling a config's step from shapes alone, e.g. Mistral-7B on 8 fake
+CPU devices, with XLA's memory analysis: `python -m o1jax.aot --config=... --topology=cpu-8`.)
 """
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ import numpy as np
 import torch
 import transformers
 
-from o1jax import config as o1config, metrics_log, sharding, templates, train
+from o1jax import config as o1config, sharding
 from o1jax.convert import save_hf
 from o1jax.data import batching
-from o1jax.train_step import Trainer
+from o1jax.training import sources
+from o1jax.training.flops import measured_matmul_peak
+from o1jax.training.trainer import Trainer
 
 
 def _rss_gib() -> float:
@@ -82,13 +84,11 @@ def bench_config(name: str, overrides: list[str], steps: int, peak: float) -> No
   with config.unlocked():
     config.mesh.update(data=1, fsdp=-1, tensor=1)
   o1config.validate(config, jax.device_count())
-  model_cfg, params, tokenizer, special = train.build_model(config)
-  t = config.train
-  spec = batching.BatchSpec(t.batch_queries, t.group_size, templates.Lengths(**t.lengths), t.thought_drop,
-                            config.data.shuffle_seed)
-  host = batching.Batcher(train.load_records(config), tokenizer, special, spec).batch(0)
-  trainer = Trainer(model_cfg, config, sharding.make_mesh(config.mesh), special)
-  state = trainer.init_state(jax.random.key(config.seed), params)
+  run = o1config.settings(config)
+  model_cfg, params, tokenizer, special = sources.build_model(run.model, run.data)
+  host = batching.Batcher(sources.load_records(run.data), tokenizer, special, run.batch).batch(0)
+  trainer = Trainer(model_cfg, run.trainer, sharding.make_mesh(config.mesh), special)
+  state = trainer.init_state(jax.random.key(run.seed), params)
   batch = trainer.shard_batch(host)
   holder = {"state": state}
 
@@ -99,8 +99,8 @@ def bench_config(name: str, overrides: list[str], steps: int, peak: float) -> No
   rss_before = _rss_gib()
   jax_time = _median_time(jax_step, steps)
   rss_jax = _rss_gib()
-  tokens = sum(v.shape[0] * v.shape[1] for k, v in host.items() if k.endswith("_ids"))
-  flops = trainer.flops_per_step({k: v.shape for k, v in host.items()})
+  shape = run.batch.shape()
+  tokens, flops = shape.tokens(), trainer.flops_per_step(shape)
   print(f"[{name}] o1jax: {jax_time * 1e3:.1f} ms/step, {tokens / jax_time:,.0f} tokens/s, "
         f"{flops / jax_time / 1e9:.2f} GFLOP/s = {flops / jax_time / peak:.3f} of the matmul peak, "
         f"peak RSS {rss_jax:.2f} GiB (+{rss_jax - rss_before:.2f} in the step loop)")
@@ -117,38 +117,12 @@ def bench_config(name: str, overrides: list[str], steps: int, peak: float) -> No
   print(f"[{name}] o1jax speed-up over PyTorch: {torch_time / jax_time:.2f}x")
 
 
-def compile_only(config_arg: str) -> None:
-  config = o1config.load([f"--config={config_arg}"])
-  mesh = sharding.make_mesh(config.mesh)
-  vocab = config.model.arch.vocab_size
-  special = train.SpecialIds(query=vocab, query_end=vocab + 1, thought=vocab + 2, emb=vocab + 3, eos=2, bos=1, pad=0)
-  trainer = Trainer(o1config.model_config(config).replace(vocab_size=vocab + 4), config, mesh, special)
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), trainer.abstract_state,
-                       trainer.state_shardings)
-  t, shard = config.train, sharding.batch_sharding(mesh)
-  rows = {"query": (t.batch_queries, t.lengths.query_thought), "doc": (t.batch_queries * t.group_size, t.lengths.doc)}
-  batch = {f"{kind}_{field}": jax.ShapeDtypeStruct(shape, np.int32, sharding=shard)
-           for kind, shape in rows.items() for field in ("ids", "mask")}
-  batch["query_loss_mask"] = batch["query_mask"]
-  start = time.perf_counter()
-  # Trainer has no public lowering entry point yet: its jitted step under its mesh/rules context.
-  with trainer._context():  # pylint: disable=protected-access
-    compiled = trainer._step.lower(state, batch).compile()  # pylint: disable=protected-access
-  print(f"{config_arg}: compiled for {jax.device_count()} devices in {time.perf_counter() - start:.0f} s; "
-        f"{trainer.flops_per_step({k: v.shape for k, v in batch.items()}) / 1e12:.1f} model TFLOP per step")
-  print(compiled.memory_analysis())
-
-
 def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser(prog="python -m o1jax.bench train")
   parser.add_argument("--gguf", default="", help="SmolLM2-135M-Instruct GGUF file (default: from O1JAX_SHARED)")
   parser.add_argument("--steps", type=int, default=5, help="timed steps per implementation (median reported)")
-  parser.add_argument("--compile-only", default="", help="a config to lower and compile from shapes only")
   args = parser.parse_args(argv)
-  if args.compile_only:
-    compile_only(args.compile_only)
-    return
-  peak = metrics_log.measured_matmul_peak()
+  peak = measured_matmul_peak()
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
   bench_config("tiny_cpu", [], args.steps, peak)
   gguf = args.gguf or (os.path.join(os.environ["O1JAX_SHARED"], "data", "smollm2-135m-instruct-gguf",

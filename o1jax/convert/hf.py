@@ -21,6 +21,7 @@ import transformers
 
 from o1jax.convert import layout
 from o1jax.convert.layout import ConversionError, Params
+from o1jax.files import publish_directory
 from o1jax.model import ModelConfig
 
 SINGLE_FILE = "model.safetensors"
@@ -159,13 +160,7 @@ def save_hf(cfg: ModelConfig, params: Params, out_dir: str | os.PathLike, tokeni
     _write_weights(cfg, params, tmp, max_shard_bytes)
     if tokenizer is not None:
       tokenizer.save_pretrained(tmp)
-    if out.exists():
-      old = out.parent / f".{out.name}.old-{os.getpid()}"
-      out.rename(old)
-      tmp.rename(out)
-      shutil.rmtree(old)
-    else:
-      tmp.rename(out)
+    publish_directory(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -8,10 +8,8 @@ Batch `i` is a pure function of (records, spec, i): epoch e = i // steps_per_epo
 (seed, e, record index). So the data position is one integer, resume continues at the exact same example, and
 the global batch does not depend on how many processes share it.
 
-Output (numpy, right-padded, templates of `o1jax.templates`):
-  query_ids, query_mask, query_loss_mask  int32 [q, Lq]      q = batch_queries / process_count
-  doc_ids, doc_mask                       int32 [q*G, Ld]    row i*G is query i's positive, then its negatives
-  teacher_scores                          float32 [q, G]     only when spec.teacher_scores
+Output: this process's rows (batch_queries / process_count queries) of the batch contract of
+`o1jax.data.batch`, as numpy arrays built with the templates of `o1jax.templates`.
 """
 from __future__ import annotations
 
@@ -24,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from o1jax import templates
+from o1jax.data.batch import TEACHER_FIELD, BatchShape
 from o1jax.tokenizer import SpecialIds
 
 Record = Mapping[str, Any]
@@ -37,6 +36,11 @@ class BatchSpec:
   thought_drop: float = 0.1
   seed: int = 0
   teacher_scores: bool = False
+
+  def shape(self) -> BatchShape:
+    """The global batch these settings make."""
+    return BatchShape(self.batch_queries, self.group_size, self.lengths.query_thought, self.lengths.doc,
+                      self.teacher_scores)
 
 
 class RecordError(ValueError):
@@ -70,12 +74,11 @@ class Batcher:
                process_index: int = 0, process_count: int = 1):
     if spec.group_size < 2:
       raise ValueError(f"group_size={spec.group_size}: need a positive and at least one negative")
-    if spec.batch_queries % process_count:
-      raise ValueError(f"batch_queries={spec.batch_queries} is not divisible by {process_count} processes")
+    self.local_shape = spec.shape().per_process(process_count)
     if len(records) < spec.batch_queries:
       raise ValueError(f"{len(records)} records cannot fill one batch of {spec.batch_queries} queries")
     self.records, self.tokenizer, self.special, self.spec = records, tokenizer, special, spec
-    self.local_queries = spec.batch_queries // process_count
+    self.local_queries = self.local_shape.queries
     self.first_query = process_index * self.local_queries
     self.steps_per_epoch = len(records) // spec.batch_queries  # the remainder of each epoch is dropped
 
@@ -130,7 +133,7 @@ class Batcher:
     out = {"query_ids": query_ids, "query_mask": query_mask, "query_loss_mask": loss_mask,
            "doc_ids": doc_ids, "doc_mask": doc_mask}
     if spec.teacher_scores:
-      out["teacher_scores"] = np.stack([e[3] for e in examples])
+      out[TEACHER_FIELD] = np.stack([e[3] for e in examples])
     return out
 
 

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import pathlib
 import sys
 from typing import Sequence
 
-from o1jax.config import DOC_TEMPLATE_TOKENS
 from o1jax.data.readers import BeirDataset, load_beir
-from o1jax.eval import baselines, o1, runner
-from o1jax.eval.files import atomic_write_text
+from o1jax.eval import baselines, evaluation, retriever_eval
 from o1jax.eval.metrics import DEFAULT_MEASURES
-from o1jax.eval.st_encoder import SentenceEncoder
-from o1jax.retriever import EVAL_LENGTHS, Retriever, Sampling
+from o1jax.files import atomic_write_json
+from o1jax.retrieval.retriever import EVAL_LENGTHS, Retriever, Sampling
+from o1jax.templates import DOC_TEMPLATE_TOKENS
 
 
 def _think(value: str) -> int:
@@ -66,38 +64,31 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
-def _bm25(dataset: BeirDataset, k: int, drop_self_hits: bool) -> runner.Evaluation:
-  run = baselines.bm25_run(dataset, k + drop_self_hits)
-  if drop_self_hits:
-    run = {q: dict(list((d, s) for d, s in docs.items() if d != q)[:k]) for q, docs in run.items()}
-  return runner.evaluate_run(dataset, run)
+def _sentence_encoder(dataset: BeirDataset, model: str | None, args: argparse.Namespace) -> evaluation.Evaluation:
+  return baselines.evaluate_sentence_encoder(dataset, model, args.k, args.search, cache_dir=args.cache_dir,
+                                             drop_self_hits=args.drop_self_hits)
 
 
-def _sentence_encoder(dataset: BeirDataset, model: str | None, args: argparse.Namespace) -> runner.Evaluation:
-  encoder = SentenceEncoder(model)
-  return runner.evaluate_dense(dataset, encoder.encode, baselines.cached_doc_encoder(encoder, cache_dir=args.cache_dir),
-                               k=args.k, search_backend=args.search, remove_self_hits=args.drop_self_hits)
-
-
-def evaluate_all(args: argparse.Namespace) -> dict[str, runner.Evaluation]:
+def evaluate_all(args: argparse.Namespace) -> dict[str, evaluation.Evaluation]:
   """Every requested system on the dataset, in table order."""
   if args.max_new_tokens < 1 or args.k < 1:
     raise ValueError("--max_new_tokens and --k must be >= 1")
   if args.doc_tokens < DOC_TEMPLATE_TOKENS:
     raise ValueError(f"--doc_tokens={args.doc_tokens}: must be >= {DOC_TEMPLATE_TOKENS} ([BOS] text <emb>)")
   names = [b.strip() for b in args.baselines.split(",") if b.strip()]
-  dataset = o1.first_queries(load_beir(args.dataset, args.split), args.max_queries)
+  dataset = retriever_eval.first_queries(load_beir(args.dataset, args.split), args.max_queries)
   lengths = dataclasses.replace(EVAL_LENGTHS, doc=args.doc_tokens)
   retriever = Retriever.from_pretrained(args.checkpoint, dtype=args.dtype, lengths=lengths)
-  o1.index_corpus(retriever, dataset, args.search, args.k, args.cache_dir)
+  retriever_eval.index_corpus(retriever, dataset, args.search, args.k, args.cache_dir)
   sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens)
   results = {}
   for think in ([args.think] if args.think else []) + [0]:
     label = f"o1jax think={think}" if think else "o1jax no-think"
-    results[label] = o1.evaluate(retriever, dataset, think, args.k, sampling, args.seed, args.drop_self_hits)
+    results[label] = retriever_eval.evaluate(retriever, dataset, think, args.k, sampling, args.seed,
+                                             args.drop_self_hits)
   for name in names:
     if name == "bm25":
-      results["BM25"] = _bm25(dataset, args.k, args.drop_self_hits)
+      results["BM25"] = baselines.evaluate_bm25(dataset, args.k, drop_self_hits=args.drop_self_hits)
     elif name == "minilm":
       results["MiniLM-L6-v2"] = _sentence_encoder(dataset, None, args)
     elif os.path.isdir(name):
@@ -107,25 +98,25 @@ def evaluate_all(args: argparse.Namespace) -> dict[str, runner.Evaluation]:
   return results
 
 
-def _per_query_lines(results: dict[str, runner.Evaluation]) -> list[str]:
+def _per_query_lines(results: dict[str, evaluation.Evaluation]) -> list[str]:
   lines = ["system\tquery\t" + "\t".join(DEFAULT_MEASURES)]
-  for label, evaluation in results.items():
-    for qid in evaluation.per_query[DEFAULT_MEASURES[0]]:
-      values = "\t".join(f"{evaluation.per_query[m][qid]:.4f}" for m in DEFAULT_MEASURES)
+  for label, result in results.items():
+    for qid in result.per_query[DEFAULT_MEASURES[0]]:
+      values = "\t".join(f"{result.per_query[m][qid]:.4f}" for m in DEFAULT_MEASURES)
       lines.append(f"{label}\t{qid}\t{values}")
   return lines
 
 
-def main(argv: Sequence[str]) -> dict[str, runner.Evaluation]:
+def main(argv: Sequence[str]) -> dict[str, evaluation.Evaluation]:
   args = parser().parse_args(argv)
   results = evaluate_all(args)
   if args.out:
-    for label, evaluation in results.items():
-      runner.write_evaluation(args.out, label, evaluation)
+    for label, result in results.items():
+      evaluation.write_evaluation(args.out, label, result)
     summary = {"settings": {k: v for k, v in vars(args).items() if k != "out"},
                "metrics": {label: e.metrics for label, e in results.items()}}
-    atomic_write_text(pathlib.Path(args.out) / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
-  print(runner.format_table({label: e.metrics for label, e in results.items()}))
+    atomic_write_json(pathlib.Path(args.out) / "summary.json", summary)
+  print(evaluation.format_table({label: e.metrics for label, e in results.items()}))
   if args.per_query:
     print("\n".join(_per_query_lines(results)))
   return results

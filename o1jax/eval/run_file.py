@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from o1jax.data.readers import DataFormatError, read_lines
-from o1jax.eval.files import atomic_write
+from o1jax.files import atomic_write_bytes
 
 Run = dict[str, dict[str, float]]
 
@@ -54,7 +54,7 @@ def write_run(path: str | os.PathLike, run: Run, tag: str = "o1jax") -> None:
     with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as f:
       f.write(data)
     data = buffer.getvalue()
-  atomic_write(path, lambda f: f.write(data), mode="wb")
+  atomic_write_bytes(path, data)
 
 
 def read_run(path: str | os.PathLike, order: str = "score") -> Run:

@@ -1,4 +1,4 @@
-"""`python -m o1jax.eval.report --run=DIR [--out=DIR]`: a recipe run's results as one table and one figure.
+"""`python -m launch.report --run=DIR [--out=DIR]`: a recipe run's results as one table and one figure.
 
 Reads what `launch/scifact.sh` leaves in the run directory:
   eval/<name>/summary.json   `python -m o1jax.eval --out` of each evaluated checkpoint (o1jax rows are labelled
@@ -6,7 +6,7 @@ Reads what `launch/scifact.sh` leaves in the run directory:
   train_metrics.jsonl        the trainer's logged steps (`--config.log.jsonl`)
   stages/<stage>.seconds     the wall time of each stage
 and writes results.md (the table and the wall times, as pasted into the README) and results.png (training
-curves and nDCG@10 bars), printing the table.
+curves and nDCG@10 bars), printing the table. Run it from the repository root.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from o1jax.eval.files import atomic_write_text
+from o1jax.files import atomic_write_text
 
 MEASURES = (("ndcg@10", "nDCG@10"), ("mrr@10", "MRR@10"), ("recall@100", "Recall@100"))
 STAGE_ORDER = ("thoughts", "convert", "untrained", "train", "trained")
@@ -129,7 +129,7 @@ def render_figure(results: RunResults, path: str | pathlib.Path) -> None:
 
 
 def main(argv: Sequence[str]) -> RunResults:
-  p = argparse.ArgumentParser(prog="python -m o1jax.eval.report", description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(prog="python -m launch.report", description=__doc__.splitlines()[0])
   p.add_argument("--run", required=True, help="the run directory of launch/scifact.sh")
   p.add_argument("--out", help="where results.md and results.png go (default: the run directory)")
   args = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Any sentence-transformers encoder as a baseline; the default is the offline all-MiniLM-L6-v2."""
+"""Any sentence-transformers encoder (a baseline, a committee member); the default is the offline all-MiniLM-L6-v2."""
 from __future__ import annotations
 
 import os

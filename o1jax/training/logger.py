@@ -1,4 +1,4 @@
-"""Training metrics to the console, a tqdm progress bar with ETA, and TensorBoard event files.
+"""Training metrics to the console, a tqdm progress bar with ETA, a JSONL file and TensorBoard event files.
 
 Only process 0 writes. Metrics arrive as device scalars; they are fetched to the host only on logging steps so
 the step loop does not wait for the device every step.
@@ -6,61 +6,31 @@ the step loop does not wait for the device every step.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 import json
 import sys
 import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorboardX
 import tqdm
 
 
-# Dense bf16 peak FLOP/s per chip by jax `device_kind` (vendor figures; H100's 1979 is with sparsity, not used).
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5": 459e12,  # v5p
-    "TPU v5p": 459e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v6 lite": 918e12,  # v6e
-    "NVIDIA H100 80GB HBM3": 989e12,
-    "NVIDIA H200": 989e12,
-}
+@dataclasses.dataclass(frozen=True)
+class LogSettings:
+  """`config.log`: print every `every` steps; TensorBoard events and a JSONL file of the logged steps (empty: off)."""
+  every: int = 10
+  tensorboard_dir: str = ""
+  jsonl: str = ""
 
 
-def measured_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of the best of `repeats` jitted fp32 [size, size] matmuls on the default device (the CPU "peak")."""
-  a = jnp.ones((size, size), jnp.float32)
-  matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * size**3 / best
-
-
-def peak_flops() -> float:
-  """Peak FLOP/s of the whole run: table value x device count, or on CPU the measured matmul peak of the host.
-
-  Fake CPU devices (`--xla_force_host_platform_device_count`) share the host's cores, so the host figure is the
-  whole machine's. 0.0 when the accelerator is not in the table (MFU is then not logged).
-  """
-  device = jax.devices()[0]
-  if device.platform == "cpu":
-    return measured_matmul_peak()
-  return PEAK_FLOPS.get(device.device_kind, 0.0) * jax.device_count()
-
-
-class MetricsLog:
+class TrainLogger:
   """`log(step, metrics)` every step; prints and writes every `every` steps and on `flush`."""
 
-  def __init__(self, total_steps: int, first_step: int, every: int, tensorboard_dir: str = "",
-               tokens_per_step: int = 0, flops_per_step: float = 0.0, peak_flops: float = 0.0,
-               jsonl: str = "", enabled: bool = True):
+  def __init__(self, total_steps: int, first_step: int, settings: LogSettings, tokens_per_step: int = 0,
+               flops_per_step: float = 0.0, peak_flops: float = 0.0, enabled: bool = True):
+    every, tensorboard_dir, jsonl = settings.every, settings.tensorboard_dir, settings.jsonl
     self.every, self.enabled = every, enabled
     self.tokens_per_step, self.flops_per_step, self.peak_flops = tokens_per_step, flops_per_step, peak_flops
     self._bar = tqdm.tqdm(total=total_steps, initial=first_step, unit="step", file=sys.stderr, dynamic_ncols=True,

@@ -12,24 +12,21 @@ form `<query> q </query> <thought> <emb>`. Documents are `[BOS] title text <emb>
 from __future__ import annotations
 
 from collections.abc import Sequence
-import hashlib
 import os
-import pathlib
 import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 import tqdm
 
 from o1jax import templates
-from o1jax.eval import embedding_cache, search as search_lib
-from o1jax.eval.embedder import SequenceEmbedder
 from o1jax.generate import Generator, Sampling
 from o1jax.model import ModelConfig
-from o1jax.tokenizer import SpecialIds, add_special_tokens, load_tokenizer
+from o1jax.retrieval import embedding_cache, loading, search as search_lib
+from o1jax.retrieval.embedder import SequenceEmbedder
+from o1jax.tokenizer import SpecialIds
 
 # Models up to this size think on one device: token-by-token decoding of FSDP-sharded weights gathers every
 # weight at every step, which costs more than it saves until a model no longer fits one device comfortably.
@@ -40,35 +37,6 @@ EVAL_LENGTHS = templates.Lengths(query=32, query_thought=256, doc=512)
 
 def _key(rng: jax.Array | int) -> jax.Array:
   return jax.random.key(rng) if isinstance(rng, int) else rng
-
-
-def checkpoint_fingerprint(path: str | os.PathLike) -> str:
-  """Identifies a checkpoint for the embedding cache: its absolute path and every file's name, size and mtime
-  (hashing the weights themselves would cost a full read of a 7B checkpoint on every start)."""
-  root = pathlib.Path(path).resolve()
-  digest = hashlib.sha256(str(root).encode())
-  for file in sorted(p for p in root.rglob("*") if p.is_file()):
-    stat = file.stat()
-    digest.update(f"\x00{file.relative_to(root)}\x00{stat.st_size}\x00{stat.st_mtime_ns}".encode())
-  return digest.hexdigest()
-
-
-def _load(path: pathlib.Path, dtype: str) -> tuple[ModelConfig, Any, Any]:
-  if (path / "config.json").is_file():
-    from o1jax.convert import load_hf  # pylint: disable=import-outside-toplevel
-    cfg, params = load_hf(path, dtype=dtype, param_dtype=dtype)
-    tokenizer = load_tokenizer(path)
-    # An export of an o1jax model already has the special tokens; a plain backbone gets them mean-initialised.
-    cfg, params, _ = add_special_tokens(tokenizer, cfg, params)
-    return cfg, params, tokenizer
-  try:
-    from o1jax.export import load_checkpoint_for_inference  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ValueError(f"{path}: no config.json (not a Hugging Face directory), and o1jax checkpoints need "
-                     f"o1jax.export, which is unavailable ({e})") from e
-  cfg, params, tokenizer = load_checkpoint_for_inference(str(path))
-  params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params)
-  return cfg.replace(dtype=dtype, param_dtype=dtype), params, tokenizer
 
 
 class Retriever:
@@ -94,11 +62,8 @@ class Retriever:
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, *, dtype: str = "float32", **kwargs) -> Retriever:
     """An exported Hugging Face directory (config.json + safetensors) or an o1jax checkpoint directory."""
-    path = pathlib.Path(path)
-    if not path.is_dir():
-      raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    cfg, params, tokenizer = _load(path, dtype)
-    kwargs.setdefault("fingerprint", checkpoint_fingerprint(path))
+    cfg, params, tokenizer = loading.load_pretrained(path, dtype)
+    kwargs.setdefault("fingerprint", loading.checkpoint_fingerprint(path))
     return cls(cfg, params, tokenizer, **kwargs)
 
   # ---------------------------------------------------------------- token ids

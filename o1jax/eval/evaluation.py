@@ -1,13 +1,12 @@
 """Evaluate any encoder on a BEIR split: embed, search, score; write the run, metrics JSON and a table.
 
-This is the seam the o1jax model plugs into: `evaluate_dense` takes plain `encode_queries(list[str])` and
-`encode_docs(list[str])` callables returning [N, D] float32 arrays, so thinking, pooling and caching stay
-with the caller.
+Encoders plug in as plain callables: `evaluate_dense` takes `encode_queries(list[str])` and
+`encode_docs(list[str])` returning [N, D] float32 arrays, so thinking, pooling and caching stay with the caller.
+The o1jax `Retriever` searches by itself; `retriever_eval` scores its runs with `evaluate_run`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import re
@@ -15,9 +14,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from o1jax.data.readers import BeirDataset, Doc
-from o1jax.eval import metrics, run_file, search
-from o1jax.eval.files import atomic_write_text
+from o1jax.data.readers import BeirDataset
+from o1jax.eval import metrics, run_file
+from o1jax.files import atomic_write_json
+from o1jax.retrieval import search
+from o1jax.templates import document_text
 
 Encoder = Callable[[Sequence[str]], np.ndarray]
 
@@ -27,11 +28,6 @@ class Evaluation:
   run: run_file.Run
   metrics: dict[str, float]
   per_query: dict[str, dict[str, float]]  # {measure: {query id: value}}
-
-
-def doc_text(doc: Doc) -> str:
-  """Title and text joined by a space, as BEIR and MTEB feed documents to encoders."""
-  return f"{doc.title} {doc.text}".strip()
 
 
 def evaluate_run(dataset: BeirDataset, run: run_file.Run,
@@ -55,7 +51,8 @@ def evaluate_dense(dataset: BeirDataset, encode_queries: Encoder, encode_docs: E
   if not dataset.corpus:
     raise ValueError("empty corpus")
   doc_ids = list(dataset.corpus)
-  doc_embeddings = _embed(encode_docs, [doc_text(dataset.corpus[d]) for d in doc_ids], "docs")
+  doc_embeddings = _embed(encode_docs, [document_text(dataset.corpus[d].title, dataset.corpus[d].text)
+                                        for d in doc_ids], "docs")
   query_ids = list(dataset.queries)
   query_embeddings = _embed(encode_queries, [dataset.queries[q] for q in query_ids], "queries")
   if query_embeddings.shape[1] != doc_embeddings.shape[1]:
@@ -74,7 +71,7 @@ def write_evaluation(out_dir: str | os.PathLike, name: str, evaluation: Evaluati
   out = pathlib.Path(out_dir)
   run_file.write_run(out / f"{slug}.trec", evaluation.run, tag=slug)
   payload = {"name": name, "metrics": evaluation.metrics, "per_query": evaluation.per_query}
-  atomic_write_text(out / f"{slug}.metrics.json", json.dumps(payload, indent=1, sort_keys=True) + "\n")
+  atomic_write_json(out / f"{slug}.metrics.json", payload)
   return out / f"{slug}.metrics.json"
 
 

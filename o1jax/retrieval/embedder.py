@@ -9,12 +9,10 @@ state at its last token (`<emb>` in every o1jax template), as in training (`o1ja
 from __future__ import annotations
 
 from collections.abc import Sequence
-import contextlib
 import functools
 import sys
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh
@@ -30,13 +28,17 @@ INFERENCE_MESH = {"data": 1, "fsdp": -1, "tensor": 1}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _embed_rows(params: Any, ids: jax.Array, mask: jax.Array, *, cfg: ModelConfig) -> jax.Array:
+def embed_rows(params: Any, ids: jax.Array, mask: jax.Array, *, cfg: ModelConfig) -> jax.Array:
   hidden = Decoder(cfg).apply({"params": params}, ids, pooling.positions(mask), mask)
   return pooling.pool_last(hidden, mask)
 
 
 class SequenceEmbedder:
-  """`embed(sequences)` → float32 [N, D] unit vectors; parameters placed on `mesh` (default: all devices)."""
+  """`embed(sequences)` → float32 [N, D] unit vectors; parameters placed on `mesh` (default: all devices).
+
+  A caller that runs the model on `params` itself does so under `sharding.activation_rules(mesh)`, as `embed`
+  does: the model constrains its activations by logical axis names while tracing.
+  """
 
   def __init__(self, cfg: ModelConfig, params: Any, mesh: Mesh | None = None, tokens_per_batch: int = 16384):
     self.cfg = cfg
@@ -46,12 +48,6 @@ class SequenceEmbedder:
     param_shardings = sharding.logical_to_shardings(logical_axes(cfg), params, self.mesh)
     self.params = jax.device_put(params, param_shardings)
     self._batch_sharding = sharding.batch_sharding(self.mesh)
-
-  @contextlib.contextmanager
-  def context(self):
-    """Mesh and logical-axis rules: the model constrains activations by logical names while tracing."""
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-      yield
 
   def max_rows(self, width: int) -> int:
     """Rows of a full batch of `width`: about `tokens_per_batch` tokens, a multiple of the shards."""
@@ -87,9 +83,9 @@ class SequenceEmbedder:
       for row, i in enumerate(indices):
         ids[row, :len(sequences[i])] = sequences[i]
         mask[row, :len(sequences[i])] = 1
-      with self.context():
+      with sharding.activation_rules(self.mesh):
         placed = jax.device_put((ids, mask), self._batch_sharding)
-        vectors = _embed_rows(self.params, *placed, cfg=self.cfg)
+        vectors = embed_rows(self.params, *placed, cfg=self.cfg)
       out[indices] = np.asarray(vectors)[:len(indices)]
       progress.update(len(indices))
     progress.close()

@@ -86,7 +86,7 @@ def embed_query(query, k={k}):
 
 def embed_document(title, text):
   """[BOS] title text (511 tokens at most) <emb>."""
-  ids = tok(f"{{title}} {{text}}" if title else text, add_special_tokens=False).input_ids
+  ids = tok(f"{{title}} {{text}}".strip(), add_special_tokens=False).input_ids
   return embed((BOS + ids)[:511] + [EMB])
 
 

@@ -11,8 +11,8 @@ import os
 import jax
 
 from o1jax.data.readers import BeirDataset
-from o1jax.eval import metrics, runner
-from o1jax.retriever import Retriever, Sampling
+from o1jax.eval import evaluation, metrics
+from o1jax.retrieval.retriever import Retriever, Sampling
 from o1jax.templates import document_text
 
 
@@ -37,9 +37,9 @@ def index_corpus(retriever: Retriever, dataset: BeirDataset, backend: str = "aut
 
 def evaluate(retriever: Retriever, dataset: BeirDataset, think: int, k: int = 1000, sampling: Sampling = Sampling(),
              rng: jax.Array | int = 0, drop_self_hits: bool = False,
-             measures: Sequence[str] = metrics.DEFAULT_MEASURES) -> runner.Evaluation:
+             measures: Sequence[str] = metrics.DEFAULT_MEASURES) -> evaluation.Evaluation:
   """Top-`k` run of every query (with `think` thoughts each, 0 = none) against the indexed corpus, and its metrics."""
   query_ids = list(dataset.queries)
   hits = retriever.search([dataset.queries[q] for q in query_ids], k, think, sampling, rng,
                           self_hit_ids=query_ids if drop_self_hits else None)
-  return runner.evaluate_run(dataset, {q: dict(h) for q, h in zip(query_ids, hits)}, measures)
+  return evaluation.evaluate_run(dataset, {q: dict(h) for q, h in zip(query_ids, hits)}, measures)

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from o1jax.eval.files import atomic_write
+from o1jax.files import atomic_write
 
 
 def default_cache_dir() -> pathlib.Path:

@@ -1,0 +1,82 @@
+"""A model loaded for inference: (ModelConfig, host parameters, tokenizer with the four special tokens).
+
+Two sources: a Hugging Face directory (exported from o1jax, or a plain backbone) and a checkpoint directory of
+`python -m o1jax.train`. A checkpoint is enough on its own: its `run/` files give the config, architecture and
+tokenizer, and only params (+ LoRA adapters, merged) are restored, as host arrays, whatever mesh or number of
+processes saved them.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from o1jax import checkpoint, lora
+from o1jax.convert import load_hf
+from o1jax.model import ModelConfig, init_params
+from o1jax.tokenizer import SpecialIds, add_special_tokens, load_tokenizer
+
+
+def _with_token_ids(cfg: ModelConfig, tokenizer: Any) -> ModelConfig:
+  """Fills BOS / EOS / PAD ids the architecture lacks (random-init models) from the tokenizer, so generation
+  stops at EOS in o1jax and transformers alike."""
+  special = SpecialIds.from_tokenizer(tokenizer)
+  return cfg.replace(
+      bos_token_id=cfg.bos_token_id if cfg.bos_token_id is not None else tokenizer.bos_token_id,
+      eos_token_id=cfg.eos_token_id if cfg.eos_token_id is not None else special.eos,
+      pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else special.pad)
+
+
+def load_checkpoint_for_inference(ckpt_dir: str | os.PathLike, step: int | None = None
+                                  ) -> tuple[ModelConfig, dict, Any]:
+  """(ModelConfig, host params with LoRA merged, tokenizer with the special tokens) of a training checkpoint.
+
+  Args:
+    ckpt_dir: a `config.checkpoint.dir` of `python -m o1jax.train`.
+    step: the saved step to load; default the latest.
+  """
+  config, model_cfg, tokenizer = checkpoint.load_run_files(str(ckpt_dir))
+  model_cfg = _with_token_ids(model_cfg, tokenizer)
+  abstract = {"params": jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0))}
+  lora_cfg = lora.LoraConfig.from_mapping(config.train.lora) if config.train.finetune == "lora" else None
+  if lora_cfg is not None:
+    abstract["lora"] = jax.eval_shape(lambda: lora.init(abstract["params"], lora_cfg, jax.random.key(0)))
+  _, state = checkpoint.restore_on_host(str(ckpt_dir), abstract, step)
+  params = state["params"]
+  if lora_cfg is not None:
+    params = jax.tree.map(np.asarray, lora.merge(params, state["lora"], lora_cfg))
+  return model_cfg, params, tokenizer
+
+
+def checkpoint_fingerprint(path: str | os.PathLike) -> str:
+  """Identifies a checkpoint for the embedding cache: its absolute path and every file's name, size and mtime
+  (hashing the weights themselves would cost a full read of a 7B checkpoint on every start)."""
+  root = pathlib.Path(path).resolve()
+  digest = hashlib.sha256(str(root).encode())
+  for file in sorted(p for p in root.rglob("*") if p.is_file()):
+    stat = file.stat()
+    digest.update(f"\x00{file.relative_to(root)}\x00{stat.st_size}\x00{stat.st_mtime_ns}".encode())
+  return digest.hexdigest()
+
+
+def load_pretrained(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfig, Any, Any]:
+  """(ModelConfig, params, tokenizer) in `dtype` of an exported Hugging Face directory (config.json +
+  safetensors) or an o1jax checkpoint directory."""
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f"{path}: no such checkpoint directory")
+  if (path / "config.json").is_file():
+    cfg, params = load_hf(path, dtype=dtype, param_dtype=dtype)
+    tokenizer = load_tokenizer(path)
+    # An export of an o1jax model already has the special tokens; a plain backbone gets them mean-initialised.
+    cfg, params, _ = add_special_tokens(tokenizer, cfg, params)
+    return cfg, params, tokenizer
+  cfg, params, tokenizer = load_checkpoint_for_inference(path)
+  params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params)
+  return cfg.replace(dtype=dtype, param_dtype=dtype), params, tokenizer

@@ -1,0 +1,1 @@
+"""Training: the jitted step (`trainer`) and its parts, the run's inputs (`sources`) and its log (`logger`)."""
