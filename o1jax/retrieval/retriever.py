@@ -44,17 +44,21 @@ class Retriever:
 
   def __init__(self, cfg: ModelConfig, params: Any, tokenizer: Any, *, lengths: templates.Lengths = EVAL_LENGTHS,
                mesh: Mesh | None = None, fingerprint: str | None = None, tokens_per_batch: int = 16384,
-               generate_batch: int = 64):
-    """`fingerprint` names the weights for the on-disk document-embedding cache; None disables the cache."""
+               generate_batch: int = 64, generator: Any = None):
+    """`fingerprint` names the weights for the on-disk document-embedding cache; None disables the cache.
+    `generator` writes the thoughts: by default the model itself on this machine, or e.g. a
+    `remote_generator.CompletionsGenerator` serving the exported model."""
     self.cfg, self.tokenizer, self.lengths = cfg, tokenizer, lengths
     self.special = SpecialIds.from_tokenizer(tokenizer)
     self.fingerprint = fingerprint
     self.embedder = SequenceEmbedder(cfg, params, mesh, tokens_per_batch)
-    # Stop at the tokenizer's EOS only: it is the token that ends thoughts in training (METHOD §2).
-    generation_params = self.embedder.params
-    if sum(x.nbytes for x in jax.tree.leaves(generation_params)) <= ONE_DEVICE_GENERATION_BYTES:
-      generation_params = jax.device_put(generation_params, self.embedder.mesh.devices.flat[0])
-    self.generator = Generator(cfg, generation_params, eos_ids=(self.special.eos,), pad_id=self.special.pad)
+    if generator is None:
+      generation_params = self.embedder.params
+      if sum(x.nbytes for x in jax.tree.leaves(generation_params)) <= ONE_DEVICE_GENERATION_BYTES:
+        generation_params = jax.device_put(generation_params, self.embedder.mesh.devices.flat[0])
+      # Stop at the tokenizer's EOS only: it is the token that ends thoughts in training (METHOD §2).
+      generator = Generator(cfg, generation_params, eos_ids=(self.special.eos,), pad_id=self.special.pad)
+    self.generator = generator
     self.generate_batch = generate_batch
     self._doc_ids: list[str] = []
     self._searcher: search_lib.Searcher | None = None
