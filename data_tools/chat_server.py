@@ -3,7 +3,9 @@
 `POST /v1/chat/completions` answers `{"choices": [{"message": {"role": "assistant", "content": ...}}]}`.
 It lets an expert that runs in-process (o1jax's own decoder) be shared by several synthesis workers,
 and gives tests a real HTTP peer. With `api_key` set, requests must carry `Authorization: Bearer <key>`
-(as vLLM's `--api-key`). A completion function raises `ServerFault(status)` to answer an error.
+(as vLLM's `--api-key`). A completion function raises `ServerFault(status)` to answer an error; with
+`quote_authorization=True` the error message quotes the request's Authorization header, as some gateways' error
+pages do.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ CompleteFn = Callable[[list[Mapping[str, str]], Mapping[str, Any]], str]  # (mes
 
 
 class ServerFault(Exception):
-  def __init__(self, status: int, message: str = "injected fault"):
+  def __init__(self, status: int, message: str = "injected fault", quote_authorization: bool = False):
     super().__init__(message)
     self.status = status
+    self.quote_authorization = quote_authorization
 
 
 class ChatServer:
@@ -84,7 +87,8 @@ def _handler_for(complete: CompleteFn, api_key: str | None) -> type[http.server.
       try:
         text = complete(messages, body)
       except ServerFault as e:
-        self._reply(e.status, {"error": {"message": str(e)}})
+        quote = f" (Authorization: {self.headers.get('Authorization')})" if e.quote_authorization else ""
+        self._reply(e.status, {"error": {"message": f"{e}{quote}"}})
         return
       self._reply(200, {"id": "chatcmpl-o1jax", "object": "chat.completion", "created": int(time.time()),
                         "model": body.get("model", ""), "choices": [

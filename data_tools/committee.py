@@ -103,12 +103,23 @@ class Committee:
     return [m.name for m in self.members]
 
   def judge(self, positives: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[Verdict]:
-    """One verdict per query; `positives[i]` is the query's (first) positive passage."""
-    if not positives:
-      return []
-    scores = np.stack([m.score(positives, candidates) for m in self.members], axis=1)  # [n, members, k]
-    verdicts = []
-    for per_query in scores:
-      result = vote_lib.vote(self.vote, per_query, self.weights)
-      verdicts.append(Verdict(result.winner, per_query, result.totals))
+    """One verdict per query; `positives[i]` is the query's (first) positive passage.
+
+    Queries may have different numbers of candidates (empty answers are dropped before the vote): members score
+    each group of queries with the same number at once.
+    """
+    if len(positives) != len(candidates):
+      raise ValueError(f"{len(positives)} positives but {len(candidates)} candidate lists")
+    groups: dict[int, list[int]] = {}
+    for i, cands in enumerate(candidates):
+      if not cands:
+        raise ValueError(f"query {i} of the batch has no candidate to vote on")
+      groups.setdefault(len(cands), []).append(i)
+    verdicts: list[Verdict | None] = [None] * len(positives)
+    for rows in groups.values():
+      group_positives, group_candidates = [positives[i] for i in rows], [candidates[i] for i in rows]
+      scores = np.stack([m.score(group_positives, group_candidates) for m in self.members], axis=1)  # [n, M, k]
+      for i, per_query in zip(rows, scores):
+        result = vote_lib.vote(self.vote, per_query, self.weights)
+        verdicts[i] = Verdict(result.winner, per_query, result.totals)
     return verdicts

@@ -36,6 +36,11 @@ class ExpertError(RuntimeError):
   """An expert failed for one request; the message names the query id (and the endpoint for HTTP)."""
 
 
+class ExpertUnavailable(ExpertError):
+  """The expert kept failing for reasons of its own (HTTP 429 / 5xx, timeouts, refused connections) after every
+  retry. Unlike other ExpertErrors this says nothing about the query, so a query is never skipped for it."""
+
+
 class Expert(Protocol):
   """Writes one thought per request. Results are keyed by (query id, candidate), never by position."""
 
@@ -74,11 +79,15 @@ class PromptBuilder:
 
 
 def explore(expert: Expert, builder: PromptBuilder, queries: Sequence[TrainQuery], k: int) -> dict[str, list[str]]:
-  """k candidate thoughts per query id; checks the expert answered every request and nothing else."""
+  """The non-empty candidate thoughts of each query id (at most k, stripped, in candidate order).
+
+  An empty answer is no thought: kept, it could win the vote and teach the model to think nothing. Checks the
+  expert answered every request and nothing else.
+  """
   requests = [r for q in queries for r in builder.requests(q, k)]
   answers = expert.generate(requests)
   missing = [r.key for r in requests if r.key not in answers]
   extra = set(answers) - {r.key for r in requests}
   if missing or extra:
     raise ExpertError(f"expert answers do not match requests: missing {missing[:5]}, unexpected {sorted(extra)[:5]}")
-  return {q.query_id: [answers[(q.query_id, c)].strip() for c in range(k)] for q in queries}
+  return {q.query_id: [t for c in range(k) if (t := answers[(q.query_id, c)].strip())] for q in queries}

@@ -2,7 +2,7 @@
 
 Features (bytes lists are UTF-8 text):
   query_id, query, thought          bytes [1]       thought = thoughts[chosen], the behavior-cloning target
-  thoughts                          bytes [k]       every candidate, in candidate order
+  thoughts                          bytes [k]       the non-empty candidates, in candidate order (k <= --k)
   positives, negatives              bytes [P], [N]  passages (`{title} {text}` for BEIR)
   positive_ids, negative_ids        bytes [P], [N]  corpus ids when known (empty otherwise)
   committee_members                 bytes [M]       member names

@@ -9,6 +9,13 @@ worker `s % num_workers`. A shard is written to `<name>.tmp` and renamed when co
 described. A restarted run skips those shards and redoes the rest: nothing lost, nothing duplicated.
 `config.json` pins the settings of an output directory; `manifest.json` (counts, checksums, config) is written
 by whichever worker sees the last shard finished.
+
+Bad queries (no query text, no positive passage, a request the expert rejects with HTTP 4xx, or only empty
+answers) stop the run naming the query, or with --skip_bad are left out and listed with their reason in the
+shard's sidecar and the manifest. An expert that is unavailable (HTTP 429 / 5xx, timeouts, refused connections,
+after --max_attempts) is never a bad query: the worker stops before completing the shard it was writing, and
+the same command run again synthesizes exactly the shards still missing. Empty answers are never thoughts: a
+query keeps its non-empty candidates (fewer than --k when some answers were empty).
 """
 from __future__ import annotations
 
@@ -35,10 +42,12 @@ from o1jax.templates import document_text
 # Settings that do not change the output: excluded from config.json so workers and restarts may differ.
 _RUNTIME_ONLY = ("num_workers", "worker_index", "out", "concurrency", "timeout_s", "max_attempts",
                  "skip_bad", "api_key_env", "base_url")
+PROG = "python -m data_tools.synthesize"
+MEMBERS = ("bm25", "st")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m data_tools.synthesize", description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
   source = p.add_mutually_exclusive_group(required=True)
   source.add_argument("--dataset", help="BEIR directory (corpus.jsonl[.gz], queries.jsonl, qrels/<split>.tsv)")
   source.add_argument("--grouped", help="grouped jsonl {query_id?, query, pos: [...], neg: [...]}")
@@ -69,15 +78,48 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--vote", choices=("soft", "hard"), default="soft")
   p.add_argument("--num_negatives", type=int, default=15, help="BM25-mined negatives when the data has none")
   p.add_argument("--queries_per_batch", type=int, default=32)
-  p.add_argument("--skip_bad", action="store_true", help="skip and count bad queries instead of failing")
+  p.add_argument("--skip_bad", action="store_true",
+                 help="skip and count bad queries instead of failing (an unavailable expert still stops the run)")
   args = p.parse_args(argv)
+  for option, ok, want in [
+      ("num_shards", args.num_shards >= 1, ">= 1"), ("num_workers", args.num_workers >= 1, ">= 1"),
+      ("limit", args.limit is None or args.limit >= 1, ">= 1 (leave it out for every query)"),
+      ("k", args.k >= 1, ">= 1"), ("num_examples", args.num_examples >= 0, ">= 0"),
+      ("example_max_words", args.example_max_words >= 1, ">= 1"), ("concurrency", args.concurrency >= 1, ">= 1"),
+      ("timeout_s", 0 < args.timeout_s < float("inf"), "a positive number of seconds"),
+      ("max_attempts", args.max_attempts >= 1, ">= 1"), ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"),
+      ("temperature", 0 <= args.temperature < float("inf"), ">= 0"), ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
+      ("batch_size", args.batch_size >= 1, ">= 1"), ("num_negatives", args.num_negatives >= 0, ">= 0"),
+      ("queries_per_batch", args.queries_per_batch >= 1, ">= 1")]:
+    if not ok:
+      p.error(f"--{option} must be {want}, got {getattr(args, option)}")
   if not 0 <= args.worker_index < args.num_workers:
     p.error(f"--worker_index must be in [0, {args.num_workers}), got {args.worker_index}")
-  if args.num_shards < 1 or args.k < 1:
-    p.error("--num_shards and --k must be >= 1")
   if args.expert == "http" and not args.base_url:
     p.error("--expert=http needs --base_url")
+  members = args.members.split(",")
+  unknown = [m for m in members if m not in MEMBERS]
+  if unknown or len(set(members)) != len(members):
+    p.error(f"--members must name distinct members among {', '.join(MEMBERS)}, got {args.members!r}")
+  if args.member_weights is not None:
+    try:
+      weights = [float(w) for w in args.member_weights.split(",")]
+    except ValueError:
+      weights = []
+    if (len(weights) != len(members) or not all(0 <= w < float("inf") for w in weights) or not sum(weights)):
+      p.error(f"--member_weights must be {len(members)} non-negative numbers, not all 0, one per member of "
+              f"--members={args.members}, got {args.member_weights!r}")
   return args
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+  try:
+    content = json.loads(path.read_text(encoding="utf-8"))
+  except ValueError as e:  # bad JSON or bad UTF-8
+    raise ValueError(f"{path}: not valid JSON ({e})") from e
+  if not isinstance(content, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(content).__name__}")
+  return content
 
 
 def shard_name(split: str, shard: int, num_shards: int) -> str:
@@ -96,10 +138,10 @@ def pin_config(out: pathlib.Path, config: dict[str, Any]) -> None:
   """Writes config.json, or checks an existing one: shards of two configs must never mix."""
   path = out / "config.json"
   if path.exists():
-    previous = json.loads(path.read_text())
+    previous = _read_json(path)
     changed = {k: (previous.get(k), v) for k, v in config.items() if previous.get(k) != v}
     if changed:
-      raise SystemExit(f"{path}: this output directory was made with other settings {changed} "
+      raise ValueError(f"{path}: this output directory was made with other settings {changed} "
                        "(old, new); use a new --out")
   else:
     atomic_write_json(path, config)
@@ -136,10 +178,11 @@ def make_committee(args: argparse.Namespace) -> Committee:
   for name in args.members.split(","):
     if name == "bm25":
       members.append(BM25Member())
-    elif name == "st":
+      continue
+    try:
       members.append(sentence_transformer_member(args.st_model))
-    else:
-      raise SystemExit(f"--members: unknown member {name!r} (known: bm25, st)")
+    except OSError as e:
+      raise ValueError(f"--st_model={args.st_model}: cannot load the sentence-transformers model: {e}") from e
   weights = [float(w) for w in args.member_weights.split(",")] if args.member_weights else None
   return Committee(members, weights, args.vote)
 
@@ -149,7 +192,10 @@ class Synthesizer:
 
   def __init__(self, args: argparse.Namespace, data: Data):
     self.args = args
-    self.builder = explore.PromptBuilder(data.queries, args.seed, args.num_examples, args.example_max_words)
+    try:
+      self.builder = explore.PromptBuilder(data.queries, args.seed, args.num_examples, args.example_max_words)
+    except ValueError as e:
+      raise ValueError(f"--num_examples={args.num_examples}: {e}") from e
     self.expert = make_expert(args)
     self.committee = make_committee(args)
     self.corpus = data.corpus
@@ -158,18 +204,31 @@ class Synthesizer:
       from data_tools.mining import BM25Miner  # pylint: disable=g-import-not-at-top
       self.miner = BM25Miner(data.corpus)
 
+  def _skippable(self, error: Exception) -> bool:
+    # An unavailable expert is never the query's fault: skipping the query would drop it, for good, from a shard
+    # marked complete; failing leaves the shard to the next run.
+    return self.args.skip_bad and not isinstance(error, explore.ExpertUnavailable)
+
+  def _set_aside(self, query_id: str, error: Exception, bad: dict[str, str]) -> None:
+    if not self._skippable(error):
+      raise error
+    bad[query_id] = str(error)
+
   def _explore(self, queries: list[inputs.TrainQuery], bad: dict[str, str]) -> dict[str, list[str]]:
     try:
       return explore.explore(self.expert, self.builder, queries, self.args.k)
-    except explore.ExpertError:
-      if not self.args.skip_bad or len(queries) == 1:
+    except explore.ExpertError as e:
+      if not self._skippable(e):
         raise
+      if len(queries) == 1:
+        bad[queries[0].query_id] = str(e)
+        return {}
     thoughts = {}  # find the failing queries one by one
     for q in queries:
       try:
         thoughts.update(explore.explore(self.expert, self.builder, [q], self.args.k))
       except explore.ExpertError as e:
-        bad[q.query_id] = str(e)
+        self._set_aside(q.query_id, e, bad)
     return thoughts
 
   def records(self, queries: list[inputs.TrainQuery], bad: dict[str, str]) -> list[ThoughtRecord]:
@@ -179,11 +238,13 @@ class Synthesizer:
         inputs.check_query(q)
         good.append(q)
       except ValueError as e:
-        if not self.args.skip_bad:
-          raise
-        bad[q.query_id] = str(e)
+        self._set_aside(q.query_id, e, bad)
     thoughts = self._explore(good, bad)
-    good = [q for q in good if q.query_id in thoughts]
+    for q in good:
+      if q.query_id in thoughts and not thoughts[q.query_id]:
+        self._set_aside(q.query_id, explore.ExpertError(
+            f"query {q.query_id!r}: the expert answered all {self.args.k} candidates with empty text"), bad)
+    good = [q for q in good if thoughts.get(q.query_id)]
     negative_ids = self.miner.mine(good, self.args.num_negatives) if self.miner else {}
     verdicts = self.committee.judge([q.positives[0] for q in good], [thoughts[q.query_id] for q in good])
     out = []
@@ -219,7 +280,7 @@ def write_manifest(out: pathlib.Path, args: argparse.Namespace, config: dict[str
   names = [shard_name(args.split, s, args.num_shards) for s in range(args.num_shards)]
   if not all((out / n).exists() for n in names):
     return None
-  shards = [json.loads((out / (n + ".json")).read_text()) for n in names]
+  shards = [_read_json(out / (n + ".json")) for n in names]
   manifest = {"config": config, "num_shards": args.num_shards, "shards": shards,
               "num_records": sum(s["num_records"] for s in shards),
               "num_skipped": sum(len(s["skipped"]) for s in shards)}
@@ -246,9 +307,14 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   if todo:
     synth = Synthesizer(args, data)
     with tqdm.tqdm(total=sum(len(by_shard[s]) for s in todo), unit="query", desc="synthesize") as progress:
-      for s in todo:
-        info = write_shard(out / shard_name(args.split, s, args.num_shards), s, by_shard[s], synth,
-                           args.queries_per_batch, progress)
+      for done, s in enumerate(todo):
+        try:
+          info = write_shard(out / shard_name(args.split, s, args.num_shards), s, by_shard[s], synth,
+                             args.queries_per_batch, progress)
+        except explore.ExpertUnavailable as e:
+          raise explore.ExpertUnavailable(
+              f"{e}; stopped before completing shard {s} ({done} of {len(todo)} shards written by this run, "
+              "kept): run the same command again once the expert answers") from e
         skipped.update(info["skipped"])
   manifest = write_manifest(out, args, config)
   for query_id, reason in sorted(skipped.items()):
@@ -258,5 +324,13 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   return {"shards_written": todo, "skipped": skipped, "manifest": manifest}
 
 
+def run(argv: Sequence[str]) -> None:
+  """The command line: input errors and an unavailable expert end it with one line and exit status 1."""
+  try:
+    main(argv)
+  except (ValueError, OSError, explore.ExpertError) as e:
+    sys.exit(f"{PROG}: {' '.join(str(e).splitlines())}")
+
+
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  run(sys.argv[1:])

@@ -19,7 +19,11 @@ import urllib.request
 
 
 class RequestError(RuntimeError):
-  """A request that failed for good: a 4xx answer, or every retry used up."""
+  """A request that failed for good: a 4xx answer, or every retry used up (`ServerUnavailable`)."""
+
+
+class ServerUnavailable(RequestError):
+  """Every attempt met a timeout, a broken connection, 429 or 5xx: the server, not the request, is at fault."""
 
 
 class _Retryable(Exception):
@@ -58,10 +62,14 @@ class JsonClient:
       with urllib.request.urlopen(request, timeout=self.policy.timeout_s) as response:
         return json.loads(response.read())
     except urllib.error.HTTPError as e:
-      # Redacted before it is cut short, so no prefix of the key survives the cut.
-      detail = self.redact(e.read(65536).decode("utf-8", "replace"))[:200]
+      try:
+        # Redacted before it is cut short, so no prefix of the key survives the cut.
+        detail = self.redact(e.read(65536).decode("utf-8", "replace"))[:200]
+      except (OSError, http.client.HTTPException):  # the connection broke while the error page was sent
+        detail = "(no readable body)"
       if e.code == 429 or e.code >= 500:
         raise _Retryable(f"HTTP {e.code}: {detail}") from None
+      # Not chained: the HTTPError's own text is the server's reason phrase, unredacted.
       raise RequestError(f"{self.url} answered HTTP {e.code}: {detail}") from None
     except (urllib.error.URLError, http.client.HTTPException, socket.timeout, TimeoutError, ConnectionError) as e:
       raise _Retryable(self.redact(f"{type(e).__name__}: {getattr(e, 'reason', e)}")) from None
@@ -78,4 +86,4 @@ class JsonClient:
         last = e
         if attempt + 1 < p.max_attempts:
           time.sleep(min(p.backoff_s * 2**attempt, p.max_backoff_s))
-    raise RequestError(f"{self.url} failed after {p.max_attempts} attempts; last error: {last}")
+    raise ServerUnavailable(f"{self.url} failed after {p.max_attempts} attempts; last error: {last}")

@@ -5,7 +5,11 @@ with tensors identical to the model that was imported, and every bad input must 
 """
 import copy
 import json
+import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import gguf
 import jax
@@ -22,7 +26,9 @@ from o1jax import tokenizer as o1tok
 from o1jax.convert import ConversionError, layout, load_gguf, load_hf, save_hf
 from o1jax.convert import gguf as o1gguf
 from o1jax.convert.__main__ import main as cli_main
+from o1jax.convert.__main__ import run as cli_run
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 TOKENIZER_SIZE = 60
 
 
@@ -211,6 +217,17 @@ def _add_different_head(path):
   _rewrite_weights(path, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"] + 1}))
 
 
+def _nan_weight(path):
+  def change(t):
+    t["model.layers.0.mlp.down_proj.weight"][3, 5] = np.nan
+  _rewrite_weights(path, change)
+
+
+def _int8_weight(path):
+  name = "model.layers.1.self_attn.q_proj.weight"
+  _rewrite_weights(path, lambda t: t.update({name: np.ones(t[name].shape, np.int8)}))
+
+
 def _truncate(path):
   file = path / "model.safetensors"
   file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
@@ -229,6 +246,10 @@ BAD_INPUTS = {
     "tied_head_differs": (_add_different_head, r"tensor 'lm_head\.weight' differs from 'model\.embed_tokens\.weight' "
                                                 r"although tie_word_embeddings=True"),
     "truncated_file": (_truncate, r"model\.safetensors: unreadable safetensors file \(truncated or corrupt\?\)"),
+    "nan_weight": (_nan_weight, r"tensor 'model\.layers\.0\.mlp\.down_proj\.weight' has 1 non-finite value\(s\) "
+                                r"\(NaN or inf\)"),
+    "int8_weight": (_int8_weight, r"tensor 'model\.layers\.1\.self_attn\.q_proj\.weight' has dtype int8; only "
+                                  r"floating-point weights are read"),
     "no_weights": (_delete_weights, r"no model\.safetensors or model\.safetensors\.index"),
 }
 
@@ -330,3 +351,72 @@ def test_not_a_gguf_file_is_named(tmp_path):
   file.write_bytes(b"not a gguf file at all" * 10)
   with pytest.raises(ConversionError, match="model.gguf: not a readable GGUF file"):
     load_gguf(file)
+
+
+def test_float16_overflow_is_refused_on_import_and_export(qwen_tied, tmp_path):
+  path, _ = qwen_tied
+  big = tmp_path / "big"
+  shutil.copytree(path, big)
+
+  def change(t):
+    t["model.norm.weight"][0] = 1e6  # finite in float32, inf in float16
+  _rewrite_weights(big, change)
+  with pytest.raises(ConversionError, match=r"tensor 'model\.norm\.weight' has 1 value\(s\) beyond the range of "
+                                            r"float16; use a wider dtype"):
+    load_hf(big, param_dtype="float16")
+  cfg, params = load_hf(big)
+  with pytest.raises(ConversionError, match=rf"export to {tmp_path / 'out'}: tensor 'model\.norm\.weight' has 1 "
+                                            r"value\(s\) beyond the range of float16"):
+    save_hf(cfg.replace(param_dtype="float16"), params, tmp_path / "out")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]  # nothing half-written
+
+
+def test_export_refuses_non_finite_parameters(qwen_tied, tmp_path):
+  path, _ = qwen_tied
+  cfg, params = load_hf(path)
+  params["layers"]["mlp"]["up_proj"]["kernel"] = params["layers"]["mlp"]["up_proj"]["kernel"].at[1, 0, 0].set(np.inf)
+  with pytest.raises(ConversionError, match=r"tensor 'model\.layers\.1\.mlp\.up_proj\.weight' has 1 non-finite"):
+    save_hf(cfg, params, tmp_path / "out")
+  assert not list(tmp_path.iterdir())
+
+
+def _cli_error(argv) -> str:
+  """The message `python -m o1jax.convert` exits with."""
+  with pytest.raises(SystemExit) as exit_info:
+    cli_run(argv)
+  return str(exit_info.value.code)
+
+
+def test_cli_bad_input_is_one_line_naming_it(qwen_tied, tmp_path, capsys):
+  path, _ = qwen_tied
+  broken = tmp_path / "nan"
+  shutil.copytree(path, broken)
+  _nan_weight(broken)
+  (tmp_path / "taken").mkdir()
+  cases = {
+      "--out exists": (["hf-to-hf", f"--hf={path}", f"--out={tmp_path / 'taken'}"],
+                       f"--out={tmp_path / 'taken'} exists (pass --overwrite to replace it)"),
+      "no such --hf": (["hf-to-hf", f"--hf={tmp_path / 'nowhere'}", f"--out={tmp_path / 'o1'}"],
+                       f"{tmp_path / 'nowhere' / 'config.json'}: cannot read the model config"),
+      "NaN weight": (["hf-to-hf", f"--hf={broken}", f"--out={tmp_path / 'o2'}"],
+                     f"{broken}: tensor 'model.layers.0.mlp.down_proj.weight' has 1 non-finite value(s)"),
+      "not a GGUF": (["gguf-to-hf", f"--gguf={broken / 'config.json'}", f"--out={tmp_path / 'o3'}"],
+                     f"{broken / 'config.json'}: not a readable GGUF file"),
+  }
+  for case, (argv, message) in cases.items():
+    error = _cli_error(argv)
+    assert error.startswith(f"python -m o1jax.convert: {message}") and "\n" not in error, (case, error)
+  assert _cli_error(["hf-to-hf", f"--hf={path}", f"--out={tmp_path / 'o4'}", "--max-shard-bytes=nan"]) == "2"
+  assert capsys.readouterr().err.splitlines()[-1] == (
+      "python -m o1jax.convert: error: --max-shard-bytes must be a positive number of bytes, got nan")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["nan", "taken"]
+
+
+def test_cli_entry_point_exits_with_one_line(qwen_tied, tmp_path):
+  path, _ = qwen_tied
+  (tmp_path / "taken").mkdir()
+  cli = subprocess.run([sys.executable, "-m", "o1jax.convert", "hf-to-hf", f"--hf={path}",
+                        f"--out={tmp_path / 'taken'}"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert cli.returncode == 1 and cli.stdout == ""
+  assert cli.stderr == f"python -m o1jax.convert: --out={tmp_path / 'taken'} exists (pass --overwrite to replace it)\n"

@@ -197,3 +197,22 @@ def test_bad_topics_triples_groups(tmp_path):
   assert (first.query_id, first.pos, first.neg, first.extra) == ("1", ["p"], [], {})
   with pytest.raises(DataFormatError, match=r"line 1, field 'pos': no positives"):
     list(readers.read_grouped_jsonl(_write(tmp_path / "g2.jsonl", [json.dumps({"query": "q", "pos": []})])))
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path, compress):
+  path = tmp_path / ("corpus.jsonl.gz" if compress else "corpus.jsonl")
+  data = (_doc("1") + "\n\n").encode() + b'{"_id": "2", "text": "caf\xe9"}\n'  # 0xe9 alone is not UTF-8
+  path.write_bytes(gzip.compress(data) if compress else data)
+  with pytest.raises(DataFormatError) as info:
+    readers.read_beir_corpus(path)
+  assert (info.value.path, info.value.line, info.value.field) == (str(path), 3, "<utf-8>")
+  assert "not UTF-8 text (byte 0xe9, byte 26 of the line)" in str(info.value)
+
+
+def test_truncated_gzip_names_the_file_and_line(tmp_path):
+  path = tmp_path / "queries.jsonl.gz"
+  full = gzip.compress("".join(json.dumps({"_id": f"q{i}", "text": "t" * 50}) + "\n" for i in range(400)).encode())
+  path.write_bytes(full[:len(full) // 2])
+  with pytest.raises(DataFormatError, match=rf"{path}, line \d+, field '<gzip>': unreadable compressed data"):
+    readers.read_beir_queries(path)

@@ -8,10 +8,14 @@
 
 Both write the directory atomically (temporary name, then rename) and refuse to replace one unless --overwrite.
 The result loads with `transformers.AutoModelForCausalLM.from_pretrained(out)` and `o1jax.convert.load_hf(out)`.
+Bad input (a missing or damaged file, integer or non-finite weights, an existing --out) ends the command with one
+line naming the file, the tensor or the option, and exit status 1.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import pathlib
 import sys
 
 from o1jax import tokenizer as tokenizers
@@ -19,8 +23,11 @@ from o1jax.convert import hf
 from o1jax.convert.gguf import load_gguf
 
 
+PROG = "python -m o1jax.convert"
+
+
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m o1jax.convert", description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
   commands = parser.add_subparsers(dest="command", required=True)
   gguf_cmd = commands.add_parser("gguf-to-hf", help="GGUF file (llama architecture) -> HF directory")
   gguf_cmd.add_argument("--gguf", required=True, help="the .gguf file (its tokenizer is exported too)")
@@ -39,7 +46,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> None:
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  args = parser.parse_args(argv)
+  if not (math.isfinite(args.max_shard_bytes) and args.max_shard_bytes >= 1):
+    parser.error(f"--max-shard-bytes must be a positive number of bytes, got {args.max_shard_bytes}")
+  # Checked before the (long) conversion, and in the CLI's words; save_hf checks again when it writes.
+  if pathlib.Path(args.out).exists() and not args.overwrite:
+    raise FileExistsError(f"--out={args.out} exists (pass --overwrite to replace it)")
   # Loading straight into the export dtype keeps host memory at one copy of the model in that dtype.
   if args.command == "gguf-to-hf":
     cfg, params = load_gguf(args.gguf, param_dtype=args.dtype)
@@ -55,5 +68,13 @@ def main(argv: list[str]) -> None:
   print(f"wrote {out} ({cfg.family}, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}, {args.dtype})")
 
 
+def run(argv: list[str]) -> None:
+  """The command line: bad input ends it with one line `python -m o1jax.convert: ...` and exit status 1."""
+  try:
+    main(argv)
+  except (ValueError, OSError) as e:
+    sys.exit(f"{PROG}: {' '.join(str(e).splitlines())}")
+
+
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  run(sys.argv[1:])

@@ -107,7 +107,8 @@ def _plan_shards(entries: list[layout.Entry], itemsize: int, max_shard_bytes: in
   return shards
 
 
-def _write_weights(cfg: ModelConfig, params: Params, out: pathlib.Path, max_shard_bytes: int) -> None:
+def _write_weights(cfg: ModelConfig, params: Params, out: pathlib.Path, max_shard_bytes: int,
+                   source: str) -> None:
   dtype = jnp.dtype(cfg.param_dtype)
   entries = layout.entries(cfg)
   shards = _plan_shards(entries, dtype.itemsize, max_shard_bytes)
@@ -115,7 +116,8 @@ def _write_weights(cfg: ModelConfig, params: Params, out: pathlib.Path, max_shar
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
   weight_map = {}
   for name, shard in zip(names, shards):
-    tensors = {e.hf_name: layout.hf_tensor(params, e, dtype) for e in shard}
+    tensors = {e.hf_name: layout.checked_cast(source, e.hf_name, layout.hf_tensor(params, e), dtype)
+               for e in shard}
     safetensors.numpy.save_file(tensors, str(out / name), metadata={"format": "pt"})
     # safetensors creates its files owner-only; the rest of the export is world-readable like save_pretrained's.
     (out / name).chmod(0o644)
@@ -157,7 +159,7 @@ def save_hf(cfg: ModelConfig, params: Params, out_dir: str | os.PathLike, tokeni
         eos_token_id=list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else cfg.eos_token_id,
         pad_token_id=cfg.pad_token_id,
     ).save_pretrained(tmp)
-    _write_weights(cfg, params, tmp, max_shard_bytes)
+    _write_weights(cfg, params, tmp, max_shard_bytes, f"export to {out}")
     if tokenizer is not None:
       tokenizer.save_pretrained(tmp)
     publish_directory(tmp, out)

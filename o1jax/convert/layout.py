@@ -83,12 +83,33 @@ def get(tree: Params, path: tuple[str, ...]) -> Any:
   return tree
 
 
-def hf_tensor(params: Params, entry: Entry, dtype: Any = None) -> np.ndarray:
-  """One HF tensor on the host (a single layer slice of a stacked parameter), optionally cast."""
+def hf_tensor(params: Params, entry: Entry) -> np.ndarray:
+  """One HF tensor on the host (a single layer slice of a stacked parameter)."""
   x = get(params, entry.path)
   x = np.asarray(jax.device_get(x if entry.layer is None else x[entry.layer]))
-  x = x if dtype is None else x.astype(dtype)
   return np.ascontiguousarray(x.T if entry.path[-1] == "kernel" else x)
+
+
+def checked_cast(source: str, name: str, array: np.ndarray, dtype: Any) -> np.ndarray:
+  """`array` cast to `dtype`; raises unless it holds finite floats, before and after the cast.
+
+  Integer tensors are quantized weights (their scales elsewhere) or not weights at all: cast to float they would
+  load as a wrong model without any error. A NaN or inf never belongs in a model, and a cast to float16 turns
+  values beyond its range into inf.
+  """
+  if not jnp.issubdtype(array.dtype, jnp.floating):
+    raise ConversionError(f"{source}: tensor {name!r} has dtype {array.dtype}; only floating-point weights are "
+                          "read (de-quantize integer or quantized checkpoints first)")
+  bad = array.size - np.count_nonzero(np.isfinite(array))
+  if bad:
+    raise ConversionError(f"{source}: tensor {name!r} has {bad} non-finite value(s) (NaN or inf)")
+  with np.errstate(over="ignore"):  # reported below, naming the tensor
+    cast = array.astype(dtype, copy=False)
+  bad = 0 if cast is array else cast.size - np.count_nonzero(np.isfinite(cast))
+  if bad:
+    raise ConversionError(f"{source}: tensor {name!r} has {bad} value(s) beyond the range of {jnp.dtype(dtype)}; "
+                          "use a wider dtype")
+  return cast
 
 
 def assemble(cfg: ModelConfig, available: Iterable[str], read: Callable[[str], np.ndarray],
@@ -125,9 +146,10 @@ def assemble(cfg: ModelConfig, available: Iterable[str], read: Callable[[str], n
     if tuple(array.shape) != e.hf_shape:
       raise ConversionError(f"{source}: tensor {e.hf_name!r} has shape {tuple(array.shape)}, "
                             f"expected {e.hf_shape}")
+    array = checked_cast(source, e.hf_name, array, dtype)
     array = array.T if e.path[-1] == "kernel" else array
     if e.layer is None:
-      _set(params, e.path, jnp.asarray(array.astype(dtype)))
+      _set(params, e.path, jnp.asarray(array))
       continue
     if e.path not in stacks:
       stacks[e.path] = np.empty(get(shapes, e.path).shape, dtype)

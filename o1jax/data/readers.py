@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pathlib
+import zlib
 from typing import Any, Iterator
 
 PathLike = str | os.PathLike
@@ -56,19 +57,33 @@ class Group:
   extra: dict[str, Any]  # every other field of the record, untouched (e.g. pos_ids, grades)
 
 
-def _open_text(path: PathLike) -> io.TextIOBase:
+def _open_binary(path: PathLike) -> io.BufferedIOBase:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such file")
-  if str(path).endswith(".gz"):
-    return gzip.open(path, "rt", encoding="utf-8", newline="\n")
-  return open(path, "rt", encoding="utf-8", newline="\n")
+  return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
 
 
 def read_lines(path: PathLike) -> Iterator[tuple[int, str]]:
-  """(1-based line number, line without its end-of-line) for every non-blank line."""
-  with _open_text(path) as f:
-    for number, line in enumerate(f, start=1):
-      line = line.rstrip("\r\n")
+  """(1-based line number, line without its end-of-line) for every non-blank line.
+
+  Lines are decoded one at a time so that bytes that are not UTF-8, or a damaged gzip stream, are reported
+  with the line they are on.
+  """
+  with _open_binary(path) as f:
+    number = 0
+    while True:
+      try:
+        raw = f.readline()
+      except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt .gz
+        raise DataFormatError(path, number + 1, "<gzip>", f"unreadable compressed data ({e})") from None
+      if not raw:
+        return
+      number += 1
+      try:
+        line = raw.decode("utf-8").rstrip("\r\n")
+      except UnicodeDecodeError as e:
+        raise DataFormatError(path, number, "<utf-8>",
+                              f"not UTF-8 text (byte 0x{raw[e.start]:02x}, byte {e.start + 1} of the line)") from None
       if line.strip():
         yield number, line
 
