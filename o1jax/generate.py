@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 from collections.abc import Sequence
 
 import jax
@@ -21,10 +23,25 @@ MIN_PROMPT_BUCKET = 16
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-  """How thoughts are sampled at inference (METHOD §6 defaults)."""
+  """How thoughts are sampled at inference (METHOD §6 defaults); temperature 0 is greedy.
+
+  Invalid settings raise ValueError at construction. Each message starts with the field's name (`top_p=2.0: ...`),
+  which is also the name of the CLI option, so a CLI can name the option by prefixing `--`.
+  """
   temperature: float = 0.1
   top_p: float = 0.9
   max_new_tokens: int = 128
+
+  def __post_init__(self):
+    # A negative temperature flips the distribution and top_p > 1 or <= 0 keeps every token or none: generation
+    # would run and return plausible-looking thoughts from the wrong distribution, so refuse them here.
+    if not (math.isfinite(self.temperature) and self.temperature >= 0):
+      raise ValueError(f"temperature={self.temperature}: must be a finite number >= 0 (0 = greedy)")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p={self.top_p}: must be in (0, 1] (1 = no nucleus cut)")
+    if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, numbers.Integral) \
+        or self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be an integer >= 1")
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -137,8 +154,7 @@ class Generator:
       return []
     if any(len(p) == 0 for p in prompts):
       raise ValueError("empty prompt: every prompt needs at least one token (e.g. BOS)")
-    if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    Sampling(temperature, top_p, max_new_tokens)  # the same checks for callers that pass bare values
     greedy = temperature == 0.0
     if not greedy and rng is None:
       raise ValueError("sampling (temperature > 0) needs an explicit PRNG key: rng=jax.random.key(seed)")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from o1jax.generate import TOP_P_CANDIDATES, Generator, bucket, generate_padded, top_p_filter
+from o1jax.generate import TOP_P_CANDIDATES, Generator, Sampling, bucket, generate_padded, top_p_filter
 from o1jax.model import Decoder, ModelConfig, init_params
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -94,3 +94,35 @@ def test_sampling_is_seeded_and_top_p_matches_transformers():
     nucleus_sizes[vocab, scale, top_p] = kept_ref.sum(-1)
   assert (nucleus_sizes[600, 1, 0.9] > TOP_P_CANDIDATES).all() and (nucleus_sizes[600, 6, 0.9] < TOP_P_CANDIDATES).all()
   assert (nucleus_sizes[600, 1, 1.0] == 600).all()  # top_p=1 keeps the whole vocabulary
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("temperature", -1.0, r"temperature=-1.0: must be a finite number >= 0"),
+    ("temperature", float("inf"), r"temperature=inf: must be a finite number >= 0"),
+    ("temperature", float("nan"), r"temperature=nan: must be a finite number >= 0"),
+    ("top_p", 2.0, r"top_p=2.0: must be in \(0, 1\]"),
+    ("top_p", 0.0, r"top_p=0.0: must be in \(0, 1\]"),
+    ("top_p", float("nan"), r"top_p=nan: must be in \(0, 1\]"),
+    ("max_new_tokens", 0, r"max_new_tokens=0: must be an integer >= 1"),
+    ("max_new_tokens", 2.5, r"max_new_tokens=2.5: must be an integer >= 1"),
+])
+def test_sampling_rejects_settings_outside_their_range(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    Sampling(**{field: value})
+  # Generator.generate takes the same values bare and checks them the same way, before anything compiles.
+  cfg = ModelConfig(family="llama", **TINY)
+  gen = Generator(cfg, init_params(cfg, jax.random.key(5)))
+  settings = {"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 2, field: value}
+  before = generate_padded._cache_size()
+  with pytest.raises(ValueError, match=message):
+    gen.generate([[1, 2]], rng=jax.random.key(0), **settings)
+  assert generate_padded._cache_size() == before
+
+
+def test_sampling_accepts_the_edges():
+  assert Sampling(temperature=0, top_p=1.0, max_new_tokens=np.int64(1)).temperature == 0  # greedy, no nucleus cut
+  # transformers' warper accepts top_p=1 too and keeps everything; a tiny top_p keeps the single best token.
+  logits = np.random.default_rng(0).normal(size=(2, 50)).astype(np.float32)
+  kept = np.isfinite(np.asarray(top_p_filter(jnp.asarray(logits), Sampling(top_p=1e-6).top_p)))
+  np.testing.assert_array_equal(kept, np.isfinite(TopPLogitsWarper(1e-6)(None, torch.tensor(logits)).numpy()))
+  assert (kept.sum(-1) == 1).all()

@@ -15,6 +15,7 @@ import transformers
 from o1jax import templates
 from o1jax.data.readers import BeirDataset, Doc
 from o1jax.eval import retriever_eval
+from o1jax.eval.__main__ import main as eval_main
 from o1jax.http_json import RequestError, RetryPolicy
 from o1jax.retrieval.remote_generator import CompletionsGenerator
 from o1jax.retrieval.retriever import Retriever, Sampling
@@ -119,6 +120,28 @@ def test_greedy_thoughts_vectors_and_metrics_equal_the_local_generator(served, r
     retriever_eval.index_corpus(retriever, dataset, backend="exact")
     results.append(retriever_eval.evaluate(retriever, dataset, think=1, sampling=GREEDY))
   assert results[0].metrics == results[1].metrics and results[0].run == results[1].run
+
+
+def test_eval_cli_thinks_through_the_server(served, remote, tmp_path, capsys):
+  model_dir, server = served
+  dataset = tmp_path / "beir"
+  (dataset / "qrels").mkdir(parents=True)
+  (dataset / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n"
+                                                for i, t in enumerate(DOCS[:4])))
+  (dataset / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": q}) + "\n"
+                                                 for i, q in enumerate(QUERIES)))
+  (dataset / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td1\t1\nq2\td3\t1\n")
+  common = [f"--checkpoint={model_dir}", f"--dataset={dataset}", "--think=1", "--temperature=0", "--baselines=",
+            "--max_new_tokens=8", "--search=exact", f"--cache_dir={tmp_path / 'cache'}"]
+  before = len(server.requests)
+  remote_results = eval_main([*common, f"--think_url={server.base_url}", "--think_model=o1jax-tiny",
+                              "--api_key_env=O1JAX_TEST_KEY"])
+  assert len(server.requests) - before == len(QUERIES)
+  local_results = eval_main(common)
+  assert remote_results["o1jax think=1"].metrics == local_results["o1jax think=1"].metrics
+  with pytest.raises(ValueError, match="--think_url and --think_model go together"):
+    eval_main([*common, f"--think_url={server.base_url}"])
+  assert KEY not in capsys.readouterr().out
 
 
 def test_sampled_requests_carry_seeds_from_the_key(remote):

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import pathlib
 import re
+import tempfile
 from typing import Callable, Sequence
 
 import numpy as np
@@ -63,6 +64,19 @@ def evaluate_dense(dataset: BeirDataset, encode_queries: Encoder, encode_docs: E
   else:
     indices, scores = searcher.search(query_embeddings, k)
   return evaluate_run(dataset, run_file.run_from_search(query_ids, doc_ids, indices, scores), measures)
+
+
+def check_output_directory(option: str, path: str) -> None:
+  """Creates `path` if needed and proves a file can be written there, before any work whose results go there
+  (permission bits prove nothing for root). Raises ValueError naming `option`."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"{option}={path}: exists and is not a directory")
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    raise ValueError(f"{option}={path}: cannot write there ({e.strerror or e})") from None
 
 
 def write_evaluation(out_dir: str | os.PathLike, name: str, evaluation: Evaluation) -> pathlib.Path:

@@ -20,7 +20,7 @@ DEFAULT_MEASURES = ("ndcg@10", "mrr@10", "recall@100", "recall@1000")
 _ALIASES = {"ndcg": "ndcg_cut", "recall": "recall", "p": "P", "map": "map_cut"}
 
 
-def _trec_name(measure: str) -> tuple[str, str, int | None]:
+def trec_name(measure: str) -> tuple[str, str, int | None]:
   """(pytrec_eval request, pytrec_eval output key, run cutoff or None) for a measure name."""
   match = re.fullmatch(r"(\w+)@(\d+)", measure)
   if match:
@@ -51,7 +51,7 @@ def evaluate_per_query(qrels: Qrels, run: Run, measures: Sequence[str] = DEFAULT
                        ) -> dict[str, dict[str, float]]:
   """`{measure: {query id: value}}` over every query in `qrels`; queries missing from the run get 0."""
   _check(qrels, run)
-  parsed = {m: _trec_name(m) for m in measures}
+  parsed = {m: trec_name(m) for m in measures}
   # trec_eval ignores queries without judgements; drop them here too so they cannot leak into a cut run.
   run = {qid: docs for qid, docs in run.items() if qid in qrels and docs}
   by_cutoff: dict[int | None, list[str]] = {}

