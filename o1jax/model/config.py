@@ -9,6 +9,8 @@ import dataclasses
 import json
 from typing import Any
 
+from o1jax.model.attention import IMPLEMENTATIONS
+
 FAMILIES = ("llama", "mistral", "qwen2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -41,6 +43,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat_policy: str = "none"
+  attention: str = "auto"  # o1jax.model.attention.IMPLEMENTATIONS
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -51,6 +54,8 @@ class ModelConfig:
     rope_type = (self.rope_scaling or {}).get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
       raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+    if self.attention not in IMPLEMENTATIONS:
+      raise ValueError(f"attention={self.attention!r}; expected one of {', '.join(IMPLEMENTATIONS)}")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {', '.join(DTYPES)}")

@@ -13,17 +13,29 @@ from typing import NamedTuple
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
+from o1jax.model.attention import attend
 from o1jax.model.config import ModelConfig
 from o1jax.model.rope import apply_rotary, rotary_tables
 
-# Remat policies by name: what each layer keeps for the backward pass instead of recomputing it.
+# Names of the activations a remat policy can keep (`checkpoint_name` tags in the layer code, MaxText's names).
+QUERY, KEY, VALUE, CONTEXT, OUT = "query_proj", "key_proj", "value_proj", "context", "out_proj"
+MLP_IN, MLP_OUT = "mlpwi", "mlpwo"  # gate and up projections; down projection
+_save = jax.checkpoint_policies.save_only_these_names
+
+# Remat policies by name: what each layer keeps for the backward pass instead of recomputing it. From most memory
+# to least: none > dots > minimal > save_dot_except_mlpwi > save_dot_except_mlp > save_qkv_proj > full.
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: keep every activation
-    "full": jax.checkpoint_policies.nothing_saveable,  # keep only layer inputs
-    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # every matmul output, attention scores included
     "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # projections, not attention
+    "minimal": _save(QUERY, KEY, VALUE, CONTEXT, OUT, MLP_IN, MLP_OUT),  # every projection and the attention output
+    "save_dot_except_mlpwi": _save(QUERY, KEY, VALUE, CONTEXT, OUT, MLP_OUT),
+    "save_dot_except_mlp": _save(QUERY, KEY, VALUE, CONTEXT, OUT),
+    "save_qkv_proj": _save(QUERY, KEY, VALUE),
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only layer inputs
 }
 
 BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
@@ -76,20 +88,17 @@ class Attention(nn.Module):
     q = _dense(heads * hd, ("embed", "heads"), cfg, "q_proj", cfg.attention_bias)(x).reshape(b, t, heads, hd)
     k = _dense(kv_heads * hd, ("embed", "kv_heads"), cfg, "k_proj", cfg.attention_bias)(x).reshape(b, t, kv_heads, hd)
     v = _dense(kv_heads * hd, ("embed", "kv_heads"), cfg, "v_proj", cfg.attention_bias)(x).reshape(b, t, kv_heads, hd)
+    q, k, v = checkpoint_name(q, QUERY), checkpoint_name(k, KEY), checkpoint_name(v, VALUE)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     if k_cache is not None:
       k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
       v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
       k, v = k_cache, v_cache
-    groups = heads // kv_heads
-    q = q.reshape(b, t, kv_heads, groups, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * hd**-0.5
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, heads * hd)
+    out = checkpoint_name(attend(q, k, v, mask, cfg.attention), CONTEXT)
     # Llama's optional attention bias covers o_proj too; Qwen2's does not.
     o_bias = cfg.attention_bias and cfg.family == "llama"
-    return _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj", o_bias)(out), k_cache, v_cache
+    out = _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj", o_bias)(out)
+    return checkpoint_name(out, OUT), k_cache, v_cache
 
 
 class MLP(nn.Module):
@@ -98,10 +107,10 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    gate = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "gate_proj")(x)
-    up = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "up_proj")(x)
+    gate = checkpoint_name(_dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "gate_proj")(x), MLP_IN)
+    up = checkpoint_name(_dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "up_proj")(x), MLP_IN)
     hidden = nn.with_logical_constraint(nn.silu(gate) * up, (BATCH, LENGTH, "activation_mlp"))
-    return _dense(cfg.hidden_size, ("mlp", "embed"), cfg, "down_proj")(hidden)
+    return checkpoint_name(_dense(cfg.hidden_size, ("mlp", "embed"), cfg, "down_proj")(hidden), MLP_OUT)
 
 
 class DecoderLayer(nn.Module):

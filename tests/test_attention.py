@@ -1,0 +1,111 @@
+"""Attention implementations and named remat policies.
+
+Every implementation that runs on this CPU equals the einsum reference on left- and right-padded rows, grouped
+query attention and Mistral's sliding window, through prefill and KV-cache decoding; cuDNN, which needs a GPU,
+falls back with one log line. Every remat policy gives the gradients of no remat, and the named ones keep what
+their names say (compiled temporary memory between `full` and `none`).
+"""
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from o1jax.generate import Generator
+from o1jax.model import REMAT_POLICIES, Decoder, ModelConfig, init_params, pooling
+from o1jax.model.attention import attend
+from o1jax.model.decoder import attention_mask
+
+CFG = ModelConfig(family="mistral", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=5)
+
+
+def padded_rows(seed, rows=4, length=12):
+  """Random ids with a mask: even rows right-padded, odd rows left-padded, each at least 3 real tokens."""
+  rs = np.random.RandomState(seed)
+  ids = rs.randint(3, CFG.vocab_size, (rows, length)).astype(np.int32)
+  mask = np.zeros((rows, length), np.int32)
+  for i in range(rows):
+    real = rs.randint(3, length + 1)
+    if i % 2:
+      mask[i, length - real:] = 1
+    else:
+      mask[i, :real] = 1
+  return ids, mask
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_xla_attention_equals_einsum_on_every_real_query(window):
+  rs = np.random.RandomState(0)
+  b, t, heads, kv_heads, hd = 3, 10, 6, 2, 8
+  q = jnp.asarray(rs.randn(b, t, heads, hd), jnp.float32)
+  k, v = (jnp.asarray(rs.randn(b, t, kv_heads, hd), jnp.float32) for _ in range(2))
+  valid = np.ones((b, t), bool)
+  valid[0, 7:] = False  # right padding
+  valid[1, :4] = False  # left padding
+  slots = jnp.arange(t)
+  mask = attention_mask(slots, slots, jnp.asarray(valid), window)
+  reference = np.asarray(attend(q, k, v, mask, "einsum"))
+  got = np.asarray(attend(q, k, v, mask, "xla"))
+  np.testing.assert_allclose(got[valid], reference[valid], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "cudnn", "auto"])
+def test_model_outputs_equal_the_einsum_model(implementation, caplog):
+  params = init_params(CFG, jax.random.key(0))
+  ids, mask = padded_rows(1)
+  positions = pooling.positions(jnp.asarray(mask))
+
+  def hidden(cfg):
+    return np.asarray(Decoder(cfg).apply({"params": params}, ids, positions, mask))
+
+  with caplog.at_level(logging.INFO):
+    got = hidden(CFG.replace(attention=implementation))
+  np.testing.assert_allclose(got[mask == 1], hidden(CFG.replace(attention="einsum"))[mask == 1], rtol=1e-5,
+                             atol=1e-5)
+  if implementation == "cudnn":  # no GPU here: one line says so
+    assert "attention=cudnn: no GPU" in caplog.text
+
+
+def test_prefill_and_decoding_equal_the_einsum_model():
+  params = init_params(CFG, jax.random.key(1))
+  prompts = [[5, 9, 14, 3, 77, 41, 8], [12, 40], [7, 7, 7, 50, 61]]  # left-padded inside the generator
+  outputs = [Generator(CFG.replace(attention=a), params, eos_ids=[2], pad_id=0).generate(prompts, max_new_tokens=9)
+             for a in ("einsum", "xla")]
+  assert outputs[0] == outputs[1]
+
+
+def test_unknown_implementation_is_named():
+  with pytest.raises(ValueError, match="attention='flash'; expected one of auto, einsum, xla, cudnn"):
+    CFG.replace(attention="flash")
+
+
+def _loss(cfg, ids, mask):
+  def loss(params):
+    hidden = Decoder(cfg).apply({"params": params}, ids, pooling.positions(mask), mask)
+    return jnp.sum(pooling.pool_last(hidden, mask) ** 3) + jnp.mean(hidden**2)
+  return loss
+
+
+def test_every_remat_policy_gives_the_gradients_of_no_remat():
+  params = init_params(CFG, jax.random.key(2))
+  ids, mask = padded_rows(3)
+  reference = jax.grad(_loss(CFG, ids, mask))(params)
+  for policy in REMAT_POLICIES:
+    grads = jax.jit(jax.grad(_loss(CFG.replace(remat_policy=policy), ids, mask)))(params)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=policy)
+
+
+def test_named_policies_keep_less_than_none_and_more_than_full():
+  cfg = CFG.replace(num_hidden_layers=4, hidden_size=64, intermediate_size=256, head_dim=16)
+  params = init_params(cfg, jax.random.key(4))
+  ids, mask = (np.tile(x, (8, 8)) for x in padded_rows(5))  # [32, 96]: activations dominate the memory
+
+  def temp_bytes(policy):
+    step = jax.jit(jax.grad(_loss(cfg.replace(remat_policy=policy), ids, mask)))
+    return step.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+  sizes = {policy: temp_bytes(policy) for policy in ("none", "minimal", "save_qkv_proj", "full")}
+  assert sizes["full"] < sizes["save_qkv_proj"] < sizes["minimal"] < sizes["none"], sizes
