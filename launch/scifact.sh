@@ -83,4 +83,7 @@ stage train python -m o1jax.train --config="$O1_LAUNCH_DIR/../configs/smollm2_13
 stage trained python -m o1jax.eval --checkpoint="$out/train" --think=3 --max_new_tokens=40 --baselines= \
   --out="$out/eval/trained" "${eval_args[@]}"
 
+# Thinking against no thinking on the same checkpoint, query by query (paired tests; the figures the README quotes).
+o1_run python -m o1jax.eval.compare "$out/eval/trained/o1jax_think_3.trec" "$out/eval/trained/o1jax_no-think.trec" \
+  --qrels="$dataset/qrels/test.tsv" --names=think=3,no-think --json="$out/eval/trained/compare.json"
 o1_run python -m launch.report --run="$out"
