@@ -332,5 +332,10 @@ def run(argv: Sequence[str]) -> None:
     sys.exit(f"{PROG}: {' '.join(str(e).splitlines())}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """`python -m data_tools.synthesize` and the `o1jax-synthesize` command."""
   run(sys.argv[1:])
+
+
+if __name__ == "__main__":
+  cli()

@@ -56,5 +56,10 @@ def main(argv: Sequence[str]) -> int:
   return 0 if report["fits"] else 1
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """`python -m o1jax.aot` and the `o1jax-aot` command: exit 0 fits, 1 does not fit, 2 bad input."""
   sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+  cli()

@@ -76,5 +76,10 @@ def run(argv: list[str]) -> None:
     sys.exit(f"{PROG}: {' '.join(str(e).splitlines())}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """`python -m o1jax.convert` and the `o1jax-convert` command."""
   run(sys.argv[1:])
+
+
+if __name__ == "__main__":
+  cli()

@@ -189,8 +189,13 @@ def main(argv: Sequence[str]) -> dict[str, evaluation.Evaluation]:
   return results
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """`python -m o1jax.eval` and the `o1jax-eval` command: one line and exit 1 on bad input."""
   try:
     main(sys.argv[1:])
   except (ValueError, OSError, RequestError) as e:
     sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  cli()
