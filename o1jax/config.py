@@ -1,17 +1,25 @@
 """Trainer configuration: the one config tree, `--config=file.py[:variant]` loading with overrides, validation.
 
 A config file defines `get_config(arg=None)` returning `base_config()` with its values set; `arg` is the text after
-`:` in `--config=configs/x.py:variant`. Overrides `--config.a.b=v` are typed by the field they replace; configs
-are locked, so a misspelt key is an error. `validate` then checks every value against the tree, the mesh and the
-templates before anything is compiled, and reports every problem at once, each naming its key. `settings` turns a
-valid config into the typed, frozen sections the library takes: the ConfigDict stops at the command line.
+`:` in `--config=configs/x.py:variant`. A file that cannot be loaded (a syntax error, an exception in
+`get_config`, a result that is no ConfigDict) is a ConfigError naming the file and line. Overrides `--config.a.b=v`
+are typed by the field they replace; configs are locked, so a misspelt key is an error. `validate` then checks
+every value against the tree (keys and types), the mesh and the templates before anything is compiled, and
+reports every problem at once, each naming its key. `settings` turns a valid config into the typed, frozen
+sections the library takes: the ConfigDict stops at the command line.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import dataclasses
 import glob
+import importlib.util
+import json
+import linecache
 import os
+import pathlib
+import traceback
+from typing import Any
 
 from absl import flags
 import ml_collections
@@ -21,6 +29,7 @@ from o1jax import checkpoint, lora, optim, sharding, templates
 from o1jax.data.batching import BatchSpec
 from o1jax.data.synthetic import SyntheticSpec
 from o1jax.model import REMAT_POLICIES, ModelConfig
+from o1jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from o1jax.model.config import DTYPES
 from o1jax.templates import DOC_TEMPLATE_TOKENS, QUERY_TEMPLATE_TOKENS
 from o1jax.training.logger import LogSettings
@@ -49,7 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
                 tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None),
       dtype="float32",
       param_dtype="float32",
-      remat_policy="none",
+      remat_policy="none",  # what each layer keeps for the backward pass (o1jax.model.REMAT_POLICIES)
+      attention="auto",  # einsum | xla | cudnn | auto (cuDNN where it can run): o1jax.model.attention
   )
   c.mesh = dict(data=1, fsdp=-1, tensor=1)
   c.train = dict(
@@ -73,10 +83,14 @@ def base_config() -> ml_collections.ConfigDict:
   )
   c.optim = dict(lr=1e-4, warmup_frac=0.1, warmup="log", decay="linear", weight_decay=0.0, b1=0.9, b2=0.999,
                  eps=1e-8, clip_norm=1.0)
-  # skip_bad: leave out corrupt TFRecord records (each reported at start-up) instead of stopping at the first.
+  # skip_bad: a record that cannot be read or batched (corrupt, undecodable, empty fields) is replaced by the next
+  # usable one instead of stopping the run; corrupt TFRecord records are found and reported at start-up. Records
+  # keep their indices, so a run stopped by a bad record resumes with skip_bad at the same example.
   c.data = dict(kind="synthetic", train_files=(), shuffle_seed=0, skip_bad=False,
                 synthetic={f.name: f.default for f in dataclasses.fields(SyntheticSpec)})
-  c.checkpoint = dict(dir="", every=100, keep=3, async_save=True)
+  # fallback: when the latest step cannot be restored (unreadable, partial, or its arrays changed since the save:
+  # checksums), move it to <dir>/unrestorable/ and resume from the step before; off: stop and name that step.
+  c.checkpoint = dict(dir="", every=100, keep=3, async_save=True, fallback=False)
   c.log = dict(every=10, tensorboard_dir="", jsonl="")  # jsonl: every logged step's metrics, one JSON per line
   # Every `every` steps (0 = never; a multiple of log.every) and at the end: retrieval metrics on the first
   # `max_queries` (0 = all) judged queries of a BEIR dev set, queries embedded with `think` thoughts (0 = none).
@@ -112,22 +126,70 @@ def pod_recipe(arch: dict, variant: str | None) -> ml_collections.ConfigDict:
   return c
 
 
+def _where(error: BaseException, path: str) -> str:
+  """`path:line (source)` of the innermost frame of `error` in the config file, else `path`."""
+  line = None
+  for frame, lineno in traceback.walk_tb(error.__traceback__):
+    if os.path.abspath(frame.f_code.co_filename) == os.path.abspath(path):
+      line = lineno
+  if line is None:
+    return path
+  return f"{path}:{line} ({linecache.getline(path, line).strip()})"
+
+
+def _one_line(error: BaseException) -> str:
+  # ConfigDict wraps a missing key's KeyError in an AttributeError, and str() of a KeyError is the repr of its
+  # message (quotes and newlines escaped): unwrap both.
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  text = f"unknown key {error.args[0]}" if isinstance(error, KeyError) and error.args else str(error)
+  return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _config_file(spec: str) -> ml_collections.ConfigDict:
+  """`get_config([variant])` of `spec` = 'path.py[:variant]'; every failure names the file (and line)."""
+  path, colon, variant = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config={spec}: no config file {path!r}")
+  try:
+    module_spec = importlib.util.spec_from_file_location(f"o1jax_config_file_{pathlib.Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+      raise ConfigError(f"{path}: defines no get_config(arg=None)")
+    config = get_config(variant) if colon else get_config()
+  except ConfigError:
+    raise
+  except SyntaxError as e:
+    raise ConfigError(f"{e.filename}:{e.lineno}: {type(e).__name__}: {e.msg}") from e
+  except Exception as e:  # whatever the user's file raises is a config error; the chain keeps the traceback
+    raise ConfigError(f"{_where(e, path)}: {type(e).__name__}: {_one_line(e)}") from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config() returned a {type(config).__name__}, expected an "
+                      "ml_collections.ConfigDict (start from o1jax.config.base_config())")
+  return config
+
+
 def load(argv: Sequence[str]) -> ml_collections.ConfigDict:
   """The locked config of `--config=file.py[:variant]` and its `--config.a.b=v` overrides (not yet validated)."""
-  argv = ["o1jax.train", *argv]
+  files = [a for a in argv if a.startswith("--config=")]
+  if len(files) != 1:
+    raise ConfigError("missing --config=path/to/config.py[:variant]" if not files else
+                      f"--config given {len(files)} times: {' '.join(files)}")
+  config = _config_file(files[0].removeprefix("--config="))
+  argv = ["o1jax.train", *(a for a in argv if a not in files)]
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", flag_values=values, lock_config=True, sys_argv=argv)
-  if not any(a.startswith("--config=") for a in argv):
-    raise ConfigError("missing --config=path/to/config.py[:variant]")
   try:
-    values(argv)
-    config = values.config
-    # A config file that fails to load gives a placeholder whose attribute access raises the load error.
-    if not isinstance(config, ml_collections.ConfigDict):
-      config.lock()
-    return config
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    raise ConfigError(f"bad command line {' '.join(argv[1:])}: {str(e).strip(chr(39))}") from e
+    # The override flags (--config.a.b) are defined from `sys_argv`, typed by the fields they replace.
+    config_flags.DEFINE_config_dict("config", config, flag_values=values, lock_config=True, sys_argv=argv)
+    unparsed = values(argv)[1:]
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    raise ConfigError(f"bad command line {' '.join(argv[1:])}: {_one_line(e)}") from e
+  if unparsed:
+    raise ConfigError(f"unexpected argument(s) {' '.join(unparsed)}: the trainer takes only --config=... and "
+                      "--config.a.b=v")
+  return values.config
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
@@ -136,22 +198,47 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
   if not arch["vocab_size"]:
     arch["vocab_size"] = vocab_size
   return ModelConfig(**arch, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                     remat_policy=config.model.remat_policy)
+                     remat_policy=config.model.remat_policy, attention=config.model.attention)
+
+
+def _type_problem(value, reference) -> str | None:
+  """Why `value` cannot stand where the base config has `reference` (None: any value may)."""
+  if reference is None:
+    return None
+  if isinstance(reference, (tuple, list)):  # every sequence in the tree is of strings (file patterns, targets)
+    ok = isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value)
+    return None if ok else "expected a tuple of strings"
+  if isinstance(reference, bool) or isinstance(value, bool):
+    ok = isinstance(value, bool) and isinstance(reference, bool)
+  elif isinstance(reference, float):
+    ok = isinstance(value, (int, float))
+  else:
+    ok = isinstance(value, type(reference))
+  return None if ok else f"expected {_a(type(reference).__name__)}, got {_a(type(value).__name__)}"
+
+
+def _a(noun: str) -> str:
+  return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
 def _key_problems(config, reference, prefix: str) -> list[str]:
+  """Unknown, missing and mistyped keys (ConfigDict types a field it sets, not the fields of a group a config file
+  replaces whole)."""
   problems = []
   for key in sorted(set(config) | set(reference)):
     name = f"{prefix}.{key}"
     if key not in reference:
-      problems.append(f"{name}: unknown key")
+      if prefix != "config.model.arch":  # reported with the ModelConfig fields by _arch_problems
+        problems.append(f"{name}: unknown key")
     elif key not in config:
       problems.append(f"{name}: missing key")
-    elif isinstance(reference[key], ml_collections.ConfigDict) and key != "arch":
+    elif isinstance(reference[key], ml_collections.ConfigDict):
       if not isinstance(config[key], ml_collections.ConfigDict):
         problems.append(f"{name}: expected a group of keys, got {config[key]!r}")
       else:
         problems += _key_problems(config[key], reference[key], name)
+    elif (problem := _type_problem(config[key], reference[key])) is not None:
+      problems.append(f"{name}={config[key]!r}: {problem}")
   return problems
 
 
@@ -179,7 +266,7 @@ def _path_problems(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def _arch_problems(config: ml_collections.ConfigDict) -> list[str]:
-  fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"dtype", "param_dtype", "remat_policy"}
+  fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"dtype", "param_dtype", "remat_policy", "attention"}
   unknown = sorted(set(config.model.arch) - fields)
   if unknown:
     return [f"config.model.arch.{k}: unknown key (ModelConfig fields: {', '.join(sorted(fields))})" for k in unknown]
@@ -215,6 +302,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> dict[str, 
   _choice(problems, "config.model.dtype", m.dtype, DTYPES)
   _choice(problems, "config.model.param_dtype", m.param_dtype, DTYPES)
   _choice(problems, "config.model.remat_policy", m.remat_policy, tuple(REMAT_POLICIES))
+  _choice(problems, "config.model.attention", m.attention, ATTENTION_IMPLEMENTATIONS)
   _choice(problems, "config.train.finetune", t.finetune, ("full", "lora"))
   _choice(problems, "config.optim.warmup", o.warmup, ("linear", "log"))
   _choice(problems, "config.optim.decay", o.decay, ("linear", "cosine"))
@@ -296,6 +384,30 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> dict[str, 
   return mesh
 
 
+# The keys whose values shape the training state (its leaves and their shapes): a checkpoint saved under other
+# values cannot be restored.
+STATE_KEYS = ("model.source", "model.path", "model.arch.", "train.finetune", "train.lora.", "train.train_embeddings",
+              "train.train_special_tokens", "data.synthetic.")
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def changed_keys(saved: Mapping[str, Any], config: ml_collections.ConfigDict, prefixes: Sequence[str]) -> list[str]:
+  """`config.a.b: old -> new` for each key under `prefixes` whose value in `config` differs from `saved` (the JSON of
+  an earlier run's config)."""
+  before, now = _flatten(saved), _flatten(json.loads(config.to_json()))
+  return [f"config.{k}: {before.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}"
+          for k in sorted(before.keys() | now.keys()) if k.startswith(tuple(prefixes)) and before.get(k) != now.get(k)]
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
   """A validated config as the typed sections the library takes."""
@@ -328,11 +440,12 @@ def settings(config: ml_collections.ConfigDict) -> RunSettings:
   data = DataSource(kind=d.kind, train_files=tuple(d.train_files), skip_bad=bool(d.skip_bad),
                     synthetic=SyntheticSpec(**d.synthetic))
   batch = BatchSpec(int(t.batch_queries), int(t.group_size), templates.Lengths(**t.lengths), float(t.thought_drop),
-                    int(d.shuffle_seed), teacher_scores=t.w_distill > 0)
+                    int(d.shuffle_seed), teacher_scores=t.w_distill > 0, skip_bad=bool(d.skip_bad))
   c, log = config.checkpoint, config.log
   return RunSettings(
       seed=int(config.seed),
       model=ModelSource(config.model.source, config.model.path, model_config(config, vocab_size=0)),
       data=data, trainer=trainer_settings(config), batch=batch,
-      checkpoint=checkpoint.CheckpointSettings(c.dir, int(c.every), int(c.keep), bool(c.async_save)),
+      checkpoint=checkpoint.CheckpointSettings(c.dir, int(c.every), int(c.keep), bool(c.async_save),
+                                               bool(c.fallback)),
       log=LogSettings(int(log.every), log.tensorboard_dir, log.jsonl))

@@ -5,24 +5,33 @@ scheme (`gs://...`, through etils.epath) are written in one object upload, which
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+import secrets
 import shutil
-import tempfile
+import stat
 from typing import Any, Callable, IO
 
 from etils import epath
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: str = "w") -> None:
-  """Calls `write(f)` on a temporary file next to local `path`, then renames it over `path`."""
+  """Calls `write(f)` on a temporary file next to local `path`, then renames it over `path`.
+
+  A new file gets the mode a plain `open` would give it (0666 less the umask), an existing one keeps its mode:
+  `tempfile.mkstemp` would make every file private (0600)."""
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+  f = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666),  # the kernel applies the umask
+                mode, **({} if "b" in mode else {"encoding": "utf-8"}))
   try:
-    with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+    with f:
+      with contextlib.suppress(FileNotFoundError):
+        os.chmod(f.fileno(), stat.S_IMODE(os.stat(path).st_mode))
       write(f)
       f.flush()
       os.fsync(f.fileno())

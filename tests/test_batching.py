@@ -1,10 +1,12 @@
 """Batching of training records into fixed-shape host batches, and the synthetic dataset."""
+import logging
+
 import bm25s
 import numpy as np
 import pytest
 
 from o1jax import templates
-from o1jax.data import batching, synthetic
+from o1jax.data import batching, synthetic, tfrecord
 from o1jax.tokenizer import SpecialIds
 
 LENGTHS = templates.Lengths(query=8, query_thought=16, doc=12)
@@ -116,6 +118,42 @@ def test_bad_records_are_named(world, change, message):
   batcher = make_batcher(world, records, teacher_scores=True)
   with pytest.raises(batching.RecordError, match=message.replace("(", r"\(").replace(")", r"\)")):
     batcher.batch(0)
+
+
+class _Unreadable(list):
+  """Records whose index 5 fails as a corrupt TFRecord record does when read."""
+
+  def __getitem__(self, i):
+    if i == 5:
+      raise tfrecord.TFRecordError("shard.tfrecord", 5, 1234, "data CRC mismatch (corrupt record)")
+    return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("bad", ["unreadable", "empty negatives"])
+def test_skip_bad_puts_the_next_usable_record_in_place_of_a_bad_one(world, bad, caplog):
+  records = list(world[0])
+  if bad == "empty negatives":
+    records[5] = {**records[5], "negatives": []}
+  else:
+    records = _Unreadable(records)
+  strict, lenient = make_batcher(world, records), make_batcher(world, records, skip_bad=True)
+  intact = make_batcher(world, list(world[0]), skip_bad=True)
+  for i in range(lenient.steps_per_epoch):
+    rows = np.random.default_rng([3, 0]).permutation(len(records))[i * 8:(i + 1) * 8]
+    if 5 not in rows:
+      for key, value in intact.batch(i).items():  # batches without it are those of the intact data
+        np.testing.assert_array_equal(lenient.batch(i)[key], value)
+      continue
+    with pytest.raises((batching.RecordError, tfrecord.TFRecordError), match="record 5"):
+      strict.batch(i)
+    with caplog.at_level(logging.WARNING):
+      batch = lenient.batch(i)
+    row = list(rows).index(5)
+    # Record 6's example for this epoch (its own positive, negatives and thought drop) stands in row `row`.
+    substitute = intact._example(0, 6)  # pylint: disable=protected-access
+    assert words(world[1], batch["doc_ids"][row * 4], batch["doc_mask"][row * 4])[1:-1] == \
+        substitute[2][0].split()
+    assert "skip_bad: record 5 replaced by the next usable record: " in caplog.text
 
 
 def test_prefetcher_yields_the_same_batches_and_reraises(world):

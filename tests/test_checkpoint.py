@@ -88,3 +88,45 @@ def test_stop_signals_set_a_flag_and_handlers_come_back():
     os.kill(os.getpid(), signal.SIGINT)
     assert stop.signal_name == "SIGINT"
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_checksums_are_exact_on_any_mesh_and_see_a_changed_or_moved_value():
+  state = make_state(mesh((1, 8, 1)))
+  checksums, non_finite = checkpoint.fingerprint(state)
+  assert not non_finite and set(checksums) == {"params.w", "params.b", "opt_state.mu", "step", "rng"}
+  m222 = mesh((2, 2, 2))
+  moved = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(m222, P(*[None] * x.ndim))), state)
+  moved["params"]["w"] = jax.device_put(state["params"]["w"], NamedSharding(m222, P(("data", "fsdp"), "tensor")))
+  assert checkpoint.fingerprint(moved)[0] == checksums  # integer sums: the reduction order does not matter
+  w = np.asarray(state["params"]["w"])
+  changed, swapped = w.copy(), w.copy()
+  changed[3, 2] = np.nextafter(changed[3, 2], np.float32(np.inf))
+  swapped[[0, 1]] = swapped[[1, 0]]
+  for other in (changed, swapped):
+    assert checkpoint.fingerprint({"params": {"w": jnp.asarray(other)}})[0]["params.w"] != checksums["params.w"]
+  assert checkpoint.fingerprint({"b": jnp.array([1.0, np.inf], jnp.bfloat16)})[1] == ["b"]
+
+
+def test_fallback_sets_a_corrupt_latest_step_aside_and_restores_the_one_before(tmp_path):
+  state = make_state(mesh((8, 1, 1)))
+  abstract = checkpoint.abstract_like(state, jax.tree.map(lambda x: x.sharding, state))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every=1, keep=3, async_save=False)
+  for step in (1, 2):
+    ckpt.save(step, state, {"next_batch": step})
+  (tmp_path / "2" / "state" / "_METADATA").unlink()  # a step copied in part
+  with pytest.raises(checkpoint.CorruptStep, match=r"/2: checkpoint step 2 is corrupt or partial: its metadata "
+                                                   r"cannot be read .*to resume from step 1, rerun with "
+                                                   r"--config.checkpoint.fallback=True"):
+    ckpt.restore_latest(abstract)
+  step, restored, data = ckpt.restore_latest(abstract, fallback=True)
+  assert (step, data) == (1, {"next_batch": 1})
+  assert_same(restored, state)
+  assert ckpt.all_steps() == [1] and (tmp_path / checkpoint.SET_ASIDE_DIR / "2" / "state").is_dir()
+  ckpt.save(2, state, {"next_batch": 2})  # the step number is free again
+  assert ckpt.all_steps() == [1, 2]
+  (tmp_path / "1" / "state" / "_METADATA").unlink()
+  (tmp_path / "2" / "state" / "_METADATA").unlink()
+  with pytest.raises(checkpoint.CorruptStep, match="/1: .*no earlier step to fall back to"):
+    ckpt.restore_latest(abstract, fallback=True)
+  assert sorted(p.name for p in (tmp_path / checkpoint.SET_ASIDE_DIR).iterdir()) == ["2", "2.1"]
+  ckpt.close()

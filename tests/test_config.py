@@ -1,6 +1,7 @@
 """Config loading (`--config=file.py[:variant]`, typed overrides, locking) and validation messages."""
 import pathlib
 
+import ml_collections
 import pytest
 
 from o1jax import config as o1config
@@ -100,3 +101,47 @@ def test_all_problems_reported_together_and_unknown_keys():
     c.model.arch.heads = 4
   with pytest.raises(o1config.ConfigError, match="config.model.arch.heads: unknown key"):
     o1config.validate(c, 8)
+
+
+@pytest.mark.parametrize("source, message", [
+    ('from o1jax import config as o1config\n\ndef get_config(arg=None):\n  c = o1config.base_config()\n'
+     '  c.train.steps = "ten"\n  return c\n',
+     r"bad.py:5 \(c.train.steps = \"ten\"\): TypeError: Could not override field 'steps'"),
+    ("def get_config(arg=None):\n  return {'seed': 1}\n",
+     r"bad.py: get_config\(\) returned a dict, expected an ml_collections.ConfigDict"),
+    ("def get_config(arg=None):\n  return (\n", r"bad.py:2: SyntaxError: '\(' was never closed"),
+    ("CONFIG = 1\n", r"bad.py: defines no get_config\(arg=None\)"),
+    ("import no_such_module\n", r"bad.py:1 \(import no_such_module\): ModuleNotFoundError: No module named"),
+])
+def test_a_bad_config_file_is_named_with_its_line(tmp_path, source, message):
+  (tmp_path / "bad.py").write_text(source)
+  with pytest.raises(o1config.ConfigError, match=message) as e:
+    o1config.load([f"--config={tmp_path / 'bad.py'}"])
+  assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
+
+
+def test_command_line_messages_are_one_plain_line():
+  with pytest.raises(o1config.ConfigError) as e:
+    load("--config.train.stepz=3")
+  assert str(e.value) == ("bad command line --config.train.stepz=3: unknown key 'stepz'; Did you mean \"steps\" "
+                          "instead of \"stepz\"?")
+  with pytest.raises(o1config.ConfigError, match=r"--config.nope.x=1: unknown key 'nope'$"):
+    load("--config.nope.x=1")
+  with pytest.raises(o1config.ConfigError, match=r"unexpected argument\(s\) stray"):
+    load("stray")
+
+
+def test_values_of_the_wrong_type_are_named_by_validation():
+  c = load()
+  with c.unlocked():  # ConfigDict checks the type of a field it sets, not of the fields of a group it replaces
+    c.train.steps = None
+    c.train.lengths = ml_collections.ConfigDict({"query": 8, "query_thought": 16, "doc": "12"})
+    c.data.train_files = ("a", 3)
+    c.checkpoint = ml_collections.ConfigDict({**c.checkpoint.to_dict(), "fallback": "yes"})
+  with pytest.raises(o1config.ConfigError) as e:
+    o1config.validate(c, 8)
+  assert str(e.value).splitlines()[1:] == [
+      "  config.checkpoint.fallback='yes': expected a bool, got a str",
+      "  config.data.train_files=('a', 3): expected a tuple of strings",
+      "  config.train.lengths.doc='12': expected an int, got a str",
+      "  config.train.steps=None: expected an int, got a NoneType"]

@@ -1,5 +1,6 @@
 """The indexed TFRecord source: equals a sequential read, manifest checks, bad input named, and it feeds
-`python -m o1jax.train` (a tiny random transformers Llama) that resumes at the same example after a restore.
+`python -m o1jax.train` (a tiny random transformers Llama) that resumes at the same example after a restore, and
+after a corrupt record stopped it (with `config.data.skip_bad`).
 
 Shards are written by `data_tools.synthesize.write_shard` (its writer, sidecar and manifest path) from records
 built directly (no LLM): the synthetic world's records in the `data_tools.record` layout.
@@ -8,8 +9,11 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -180,16 +184,21 @@ def test_bad_crc_and_truncation_are_named_or_skipped_and_counted(dataset, copy):
     with pytest.raises(tfrecord.TFRecordError, match=rf"train-00000-of-00003.tfrecord: record 4 at byte offset "
                                                      rf"{offsets[4]}: data CRC mismatch \(corrupt record\)"):
       source[4]
+  # skip_bad finds it at start-up; it keeps its index (so the count and the data order are those of the intact
+  # data), and reading it still fails: the Batcher puts another record in its place.
   with pipeline.open_source([path], skip_bad=True) as source:
-    assert len(source) == 10 and [str(s) for s in source.skipped] == [
+    assert len(source) == 11 and [str(s) for s in source.skipped] == [
         f"{path}: record 4 at byte offset {offsets[4]}: data CRC mismatch (corrupt record)"]
-    assert [r["query_id"] for r in source] == [r["query_id"] for i, r in enumerate(sequential(dataset)[:11]) if i != 4]
+    assert [source[i]["query_id"] for i in range(11) if i != 4] == [
+        r["query_id"] for i, r in enumerate(sequential(dataset)[:11]) if i != 4]
+    with pytest.raises(tfrecord.TFRecordError, match="record 4 at byte offset"):
+      source[4]
 
   corrupt_byte(path, offsets[6] + 2)  # record 6's length: its header CRC no longer matches
   with pytest.raises(tfrecord.TFRecordError, match=rf"record 6 at byte offset {offsets[6]}: length CRC mismatch"):
     pipeline.open_source([path])
   with pipeline.open_source([path], skip_bad=True) as source:
-    assert len(source) == 5 and len(source.skipped) == 2
+    assert len(source) == 6 and len(source.skipped) == 2
     assert str(source.skipped[1]).endswith("length CRC mismatch (corrupt header); rest of the file skipped")
 
   cut = shard_path(copy, 1)
@@ -211,8 +220,23 @@ def test_train_reads_skip_bad_from_the_config(copy, caplog):
     list(sources.load_records(data))
   with caplog.at_level(logging.WARNING):
     source = sources.load_records(dataclasses.replace(data, skip_bad=True))
-  assert len(source) == len(offsets) - 1
+  assert len(source) == len(offsets)
   assert f"skipped a bad training record: {path}: record 1 at byte offset {offsets[1]}" in caplog.text
+
+
+def test_a_glob_refuses_a_shard_set_with_a_shard_missing_and_warns_of_an_empty_file(copy, caplog):
+  pattern = str(copy.parent / "train-*-of-*.tfrecord")
+  shard_path(copy, 1).unlink()
+  with pytest.raises(FileNotFoundError, match=r"train-\*-of-\*.tfrecord': 1 shard\(s\) of the set are missing, e.g. "
+                                              r".*/train-00001-of-00003.tfrecord"):
+    pipeline.open_source([pattern])
+  with pipeline.open_source([shard_path(copy, 0), shard_path(copy, 2)]) as part:  # named one by one: a choice
+    assert len(part) == 21
+  shard_path(copy, 1).write_bytes(b"")
+  with caplog.at_level(logging.WARNING):
+    with pipeline.open_source([pattern]) as source:
+      assert source.counts() == [11, 0, 10]
+  assert "train-00001-of-00003.tfrecord: empty TFRecord file: it adds no training records" in caplog.text
 
 
 def test_records_missing_a_feature_and_missing_files_are_named(tmp_path):
@@ -266,11 +290,47 @@ def test_trains_from_the_shards_and_resumes_at_the_same_example(dataset, tiny_mo
   assert len({h["loss"] for h in uninterrupted}) == 6
   # Interrupted after step 3: the later checkpoint never existed; resume restores step 3 and its data position.
   shutil.rmtree(ckpt / "6")
-  # checkpoint.save_run_files cannot yet overwrite its run/ files on a restart (reported to its owner); they
-  # play no part in the restore.
-  shutil.rmtree(ckpt / "run", ignore_errors=True)
   resumed = train.main(train_args(tiny_model_dir, dataset, ckpt))
   assert [h["step"] for h in resumed] == [4, 5, 6]
   for before, after in zip(uninterrupted[3:], resumed):
     for key in ("loss", "loss_ctr", "loss_gen", "acc_top1", "grad_norm"):
       assert after[key] == before[key], (before["step"], key)
+
+
+def train_cli(cache: pathlib.Path, *argv: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  return subprocess.run([sys.executable, "-m", "o1jax.train", *argv], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+
+
+def test_a_corrupt_record_stops_the_run_after_a_save_and_skip_bad_resumes_at_the_same_example(
+    copy, tiny_model_dir, tmp_path):
+  """Plain file patterns (no manifest checksums): a corrupt payload is found only when a batch reads it."""
+  # A record of batch 1 (the second half of epoch 0's permutation of the 32 records, shuffle seed 0).
+  record = int(np.random.default_rng([0, 0]).permutation(32)[20])
+  shard = [s for s in range(NUM_SHARDS) if record < sum([11, 11, 10][:s + 1])][0]
+  local = record - sum([11, 11, 10][:shard])
+  offset = record_offsets(shard_path(copy, shard))[local]
+  corrupt_byte(shard_path(copy, shard), offset + 12 + 3)
+  pattern = str(copy.parent / "train-*-of-*.tfrecord")
+  cache = tmp_path / "xla_cache"
+
+  def run(name, *overrides):
+    args = [*train_args(tiny_model_dir, pathlib.Path(pattern), tmp_path / name), "--config.train.steps=4",
+            f"--config.log.jsonl={tmp_path / name}.jsonl", *overrides]
+    return train_cli(cache, *args), tmp_path / f"{name}.jsonl"
+
+  stopped, log = run("ckpt")
+  assert stopped.returncode == 1 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+  assert stopped.stderr.strip().splitlines()[-1].endswith(
+      f"record {local} at byte offset {offset}: data CRC mismatch (corrupt record). The state after step 1 is saved. "
+      "Rerun with --config.data.skip_bad=True to put the next usable record in its place and resume at the same "
+      "example")
+  saved = json.loads((tmp_path / "ckpt" / "1" / "data" / "metadata").read_text())
+  assert (saved["next_batch"], saved["records"]) == (1, 32)  # batch 1 is the one that stopped the run
+  resumed, log = run("ckpt", "--config.data.skip_bad=True")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"skip_bad: record {record} replaced by the next usable record: " in resumed.stderr
+  assert "resumed from" in resumed.stderr
+  assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]

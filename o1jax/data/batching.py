@@ -10,6 +10,12 @@ the global batch does not depend on how many processes share it.
 
 Output: this process's rows (batch_queries / process_count queries) of the batch contract of
 `o1jax.data.batch`, as numpy arrays built with the templates of `o1jax.templates`.
+
+Bad records. A record that cannot be read (`TFRecordError`) or batched (`RecordError`) stops the batch with that
+error, naming it. With `skip_bad` it is replaced, wherever it falls, by the next record index that can be used
+(warned once per record): the permutation still covers every index, so batches without a bad record are the
+ones of a run on intact data, and a run that stopped at a corrupt record resumes with `skip_bad` at the same
+example.
 """
 from __future__ import annotations
 
@@ -17,12 +23,14 @@ import collections
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent import futures
 import dataclasses
+import logging
 from typing import Any
 
 import numpy as np
 
 from o1jax import templates
 from o1jax.data.batch import TEACHER_FIELD, BatchShape
+from o1jax.data.tfrecord import TFRecordError
 from o1jax.tokenizer import SpecialIds
 
 Record = Mapping[str, Any]
@@ -36,6 +44,7 @@ class BatchSpec:
   thought_drop: float = 0.1
   seed: int = 0
   teacher_scores: bool = False
+  skip_bad: bool = False  # replace records that cannot be read or batched (module docstring)
 
   def shape(self) -> BatchShape:
     """The global batch these settings make."""
@@ -81,6 +90,7 @@ class Batcher:
     self.local_queries = self.local_shape.queries
     self.first_query = process_index * self.local_queries
     self.steps_per_epoch = len(records) // spec.batch_queries  # the remainder of each epoch is dropped
+    self._reported: set[int] = set()
 
   def _tokenize(self, texts: list[str]) -> list[list[int]]:
     # BOS comes from the templates, never from the tokenizer.
@@ -115,12 +125,25 @@ class Batcher:
       scores = np.concatenate([pos_scores[[pos]], neg_scores[neg]])
     return query, thought, docs, scores
 
+  def _usable_example(self, epoch: int, index: int) -> tuple[str, str, list[str], np.ndarray | None]:
+    """`_example` of record `index`, or under skip_bad of the first usable record from `index` on."""
+    if not self.spec.skip_bad:
+      return self._example(epoch, index)
+    for candidate in (*range(index, len(self.records)), *range(index)):
+      try:
+        return self._example(epoch, candidate)
+      except (RecordError, TFRecordError) as e:
+        if candidate not in self._reported:
+          self._reported.add(candidate)
+          logging.warning("skip_bad: record %d replaced by the next usable record: %s", candidate, e)
+    raise RecordError(index, {}, "record", f"skip_bad: none of the {len(self.records)} records can be used")
+
   def batch(self, i: int) -> dict[str, np.ndarray]:
     spec, special = self.spec, self.special
     epoch, within = divmod(i, self.steps_per_epoch)
     order = np.random.default_rng([spec.seed, epoch]).permutation(len(self.records))
     start = within * spec.batch_queries + self.first_query
-    examples = [self._example(epoch, int(r)) for r in order[start:start + self.local_queries]]
+    examples = [self._usable_example(epoch, int(r)) for r in order[start:start + self.local_queries]]
     # One tokenizer call per batch: its per-call overhead is a large part of a small batch's cost.
     n = len(examples)
     ids = self._tokenize([e[0] for e in examples] + [e[1] for e in examples] + [d for e in examples for d in e[2]])

@@ -15,9 +15,17 @@ are the work that is split: shard s is verified by process `s % jax.process_coun
 job. Per-process shard ownership of the records themselves was rejected: it would make the batches depend on
 the host count and the shard sizes.
 
-Bad input raises `tfrecord.TFRecordError` naming file, record index and byte offset. With `skip_bad=True`
-the index scan also checks every data CRC and leaves out corrupt records (a corrupt header or a truncated tail
-ends that file's index, as no later boundary can be trusted); `source.skipped` lists what was left out.
+Bad input raises `tfrecord.TFRecordError` naming file, record index and byte offset: a corrupt framing header
+when the files are opened, a corrupt payload only when a batch reads it. With `skip_bad=True` the index scan
+also checks every data CRC and reports corrupt records in `source.skipped`; they keep their index (reading one
+still raises, and `Batcher` with `skip_bad` puts the next usable record in its place), so the record count, the
+permutation and the data position saved with a checkpoint are those of the intact data, and a run stopped by a
+corrupt record resumes at the same example. A corrupt header or a truncated tail ends that file's index (no later
+boundary can be trusted), which does change the count.
+
+Plain file patterns have no manifest to check them against: `open_source` refuses a pattern that matches a
+numbered shard set (`name-00001-of-00008.tfrecord`) with a shard missing (files named one by one may be any part
+of a set), and warns of an empty file outside a manifest: either would silently train on fewer records.
 """
 from __future__ import annotations
 
@@ -27,8 +35,10 @@ import dataclasses
 import glob
 import hashlib
 import json
+import logging
 import os
 import pathlib
+import re
 from typing import Any
 import weakref
 
@@ -49,7 +59,8 @@ class ManifestError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Skipped:
-  """A record (or, for a corrupt header / truncated tail, the rest of a file) left out under skip_bad."""
+  """Under skip_bad: a corrupt record (kept in the index, replaced by `Batcher`), or for a corrupt header or a
+  truncated tail the rest of a file, left out of the index."""
   path: str
   index: int
   offset: int
@@ -83,8 +94,7 @@ def _scan(path: str, fd: int, skip_bad: bool, skipped: list[Skipped]) -> np.ndar
       break
     if skip_bad and not _data_crc_ok(fd, offset, length):
       skipped.append(Skipped(path, index, offset, "data CRC mismatch (corrupt record)"))
-    else:
-      offsets.append(offset)
+    offsets.append(offset)
     offset, index = end, index + 1
   return np.frombuffer(offsets, np.int64) if offsets else np.zeros(0, np.int64)
 
@@ -227,11 +237,32 @@ def _check_manifest_files(manifest: pathlib.Path, shards: list[dict[str, Any]], 
   return paths
 
 
+_NUMBERED_SHARD = re.compile(r"(?P<prefix>.*)-(?P<index>\d+)-of-(?P<count>\d+)(?P<suffix>\.[^/]*)?$")
+
+
+def _missing_shards(matches: list[str]) -> list[str]:
+  """Files of numbered shard sets (`x-00001-of-00003.tfrecord`) among `matches` whose other members are absent."""
+  sets: dict[tuple[str, str, str], set[int]] = {}
+  for path in matches:
+    if m := _NUMBERED_SHARD.match(path):
+      sets.setdefault((m["prefix"], m["count"], m["suffix"] or ""), set()).add(int(m["index"]))
+  missing = []
+  for (prefix, count, suffix), present in sets.items():
+    width = len(count)
+    missing += [f"{prefix}-{i:0{width}d}-of-{count}{suffix}" for i in range(int(count)) if i not in present]
+  return missing
+
+
 def _expand(entry: str) -> list[str]:
   if glob.has_magic(entry):
     matches = sorted(glob.glob(entry))
     if not matches:
       raise FileNotFoundError(f"no TFRecord files match {entry!r}")
+    missing = _missing_shards(matches)
+    if missing:
+      raise FileNotFoundError(f"{entry!r}: {len(missing)} shard(s) of the set are missing, e.g. {missing[0]}; "
+                              "training on the others would silently leave their records out (to train on part of "
+                              "a set, name its files one by one)")
     return matches
   if not os.path.isfile(entry):
     raise FileNotFoundError(f"TFRecord file {entry!r} not found")
@@ -254,6 +285,10 @@ def open_source(entries: Iterable[str | os.PathLike], skip_bad: bool = False, pr
       files.update(dict.fromkeys(_expand(entry)))
   source = TFRecordSource(list(files), skip_bad)
   counts = dict(zip(source.files, source.counts()))
+  listed = {str(manifest.parent / s["file"]) for manifest, shards in manifests for s in shards}
+  for path, count in counts.items():
+    if count == 0 and path not in listed:
+      logging.warning("%s: empty TFRecord file: it adds no training records (a shard lost in a copy?)", path)
   for manifest, shards in manifests:
     for s in shards:
       indexed = counts[str(manifest.parent / s["file"])]

@@ -2,12 +2,17 @@
 
 Only process 0 writes. Metrics arrive as device scalars; they are fetched to the host only on logging steps so
 the step loop does not wait for the device every step.
+
+A run that resumes at step S logs steps S+1, ... again; the JSONL file and TensorBoard show each step once: lines
+of steps after S are dropped from the JSONL file when the logger opens it (an atomic rewrite), and TensorBoard is
+told to purge its events from step S+1 on. (A run that starts at step 0 starts both afresh.)
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 import dataclasses
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -15,6 +20,8 @@ from typing import Any
 import numpy as np
 import tensorboardX
 import tqdm
+
+from o1jax.files import atomic_write_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +42,13 @@ class TrainLogger:
     self.tokens_per_step, self.flops_per_step, self.peak_flops = tokens_per_step, flops_per_step, peak_flops
     self._bar = tqdm.tqdm(total=total_steps, initial=first_step, unit="step", file=sys.stderr, dynamic_ncols=True,
                           disable=not enabled)
-    self._writer = tensorboardX.SummaryWriter(tensorboard_dir) if enabled and tensorboard_dir else None
-    self._jsonl = open(jsonl, "a", encoding="utf-8") if enabled and jsonl else None  # pylint: disable=consider-using-with
+    self._writer = None
+    if enabled and tensorboard_dir:
+      self._writer = tensorboardX.SummaryWriter(tensorboard_dir, purge_step=first_step + 1)
+    self._jsonl = None
+    if enabled and jsonl:
+      _keep_steps_up_to(jsonl, first_step)
+      self._jsonl = open(jsonl, "a", encoding="utf-8")  # pylint: disable=consider-using-with
     self._pending: tuple[int, Mapping[str, Any]] | None = None
     self._last_time, self._last_step = time.perf_counter(), first_step
     self.history: list[dict[str, float]] = []
@@ -85,3 +97,21 @@ class TrainLogger:
       self._writer.close()
     if self._jsonl is not None:
       self._jsonl.close()
+
+
+def _keep_steps_up_to(path: str, last_step: int) -> None:
+  """Drops the lines of `path` (a metrics JSONL file) after step `last_step`, and a line cut short by a kill."""
+  if not os.path.exists(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().splitlines(keepends=True)
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= last_step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+    except (ValueError, KeyError, TypeError):
+      pass
+  if kept != lines:
+    atomic_write_text(path, "".join(kept))

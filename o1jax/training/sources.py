@@ -23,7 +23,8 @@ class ModelSource:
   source: str  # 'random' | 'hf' | 'gguf'
   path: str
   # The architecture for 'random' and for shape-only compilation (vocab_size 0: the tokenizer's size); ignored
-  # when weights are loaded, whose own config is used. dtype, param_dtype and remat_policy apply to every source.
+  # when weights are loaded, whose own config is used. dtype, param_dtype, remat_policy and attention
+  # apply to every source.
   arch: ModelConfig
 
 
@@ -40,7 +41,9 @@ def build_model(model: ModelSource, data: DataSource) -> tuple[ModelConfig, Any,
   if model.source == "random":
     tokenizer = synthetic.make_tokenizer(data.synthetic)
     return model.arch.replace(vocab_size=len(tokenizer)), None, tokenizer, SpecialIds.from_tokenizer(tokenizer)
-  runtime = dict(dtype=model.arch.dtype, param_dtype=model.arch.param_dtype, remat_policy=model.arch.remat_policy)
+  arch = model.arch
+  runtime = dict(dtype=arch.dtype, param_dtype=arch.param_dtype, remat_policy=arch.remat_policy,
+                 attention=arch.attention)
   model_cfg, params = (load_hf if model.source == "hf" else load_gguf)(model.path, **runtime)
   tokenizer = load_tokenizer(model.path)
   model_cfg, params, special = add_special_tokens(tokenizer, model_cfg, params)
