@@ -2,7 +2,7 @@
 import importlib
 import sys
 
-SUITES = ("generate", "train", "data", "eval")
+SUITES = ("generate", "train", "data", "eval", "accel")
 
 
 def main(argv: list[str]) -> None:

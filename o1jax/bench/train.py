@@ -41,41 +41,51 @@ def _median_time(fn, steps: int) -> float:
   return float(np.median(times))
 
 
+def torch_contrastive_step(model, optimizer, batch, *, tau: float, group_size: int, w_ctr: float, w_gen: float,
+                           clip_norm: float, autocast_dtype=None) -> float:
+  """One o1jax step in PyTorch on a transformers `*ForCausalLM` (LoRA layers injected by peft or not): one query
+  pass (L_gen + `<emb>` pooling), documents through the backbone, global InfoNCE over fp32 cosine scores / tau,
+  w_ctr * L_ctr + w_gen * L_gen, clipping of the trainable parameters, the optimizer's update. `batch` holds the
+  batch contract's fields as int64 tensors on the model's device; `autocast_dtype` (e.g. torch.bfloat16) runs
+  the forward and backward under autocast (fp32 master weights, bf16 compute). Returns the loss (a host sync)."""
+  device = batch["query_ids"].device
+
+  def embed(hidden, mask):
+    last = mask.sum(1) - 1
+    return torch.nn.functional.normalize(hidden[torch.arange(hidden.shape[0], device=device), last].float(), dim=-1)
+
+  def positions(mask):
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+  with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+    q = model.model(input_ids=batch["query_ids"], attention_mask=batch["query_mask"],
+                    position_ids=positions(batch["query_mask"])).last_hidden_state
+    logits = model.lm_head(q[:, :-1]).float()
+    target, weight = batch["query_ids"][:, 1:], batch["query_loss_mask"][:, 1:].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    loss_gen = (nll * weight).sum() / weight.sum().clamp(min=1)
+    d = model.model(input_ids=batch["doc_ids"], attention_mask=batch["doc_mask"],
+                    position_ids=positions(batch["doc_mask"])).last_hidden_state
+    scores = embed(q, batch["query_mask"]) @ embed(d, batch["doc_mask"]).T / tau
+    labels = torch.arange(scores.shape[0], device=device) * group_size
+    loss = w_ctr * torch.nn.functional.cross_entropy(scores, labels) + w_gen * loss_gen
+  optimizer.zero_grad(set_to_none=True)
+  loss.backward()
+  torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_norm)
+  optimizer.step()
+  return loss.item()
+
+
 def torch_step_fn(model_dir: str, config, batch: dict[str, np.ndarray]):
-  """The o1jax step in PyTorch: one query pass (L_gen + `<emb>` pooling), documents through the backbone,
-  global InfoNCE over fp32 cosine scores / tau, w_ctr * L_ctr + w_gen * L_gen, clipping, AdamW."""
+  """The o1jax step in PyTorch `LlamaForCausalLM` (fp32, full fine-tuning): `torch_contrastive_step` on the
+  weights saved in `model_dir`."""
   t, o = config.train, config.optim
   model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
   b = {k: torch.from_numpy(v).long() for k, v in batch.items()}
-
-  def embed(hidden, mask):
-    last = mask.sum(1) - 1
-    return torch.nn.functional.normalize(hidden[torch.arange(hidden.shape[0]), last].float(), dim=-1)
-
-  def positions(mask):
-    return (mask.cumsum(1) - 1).clamp(min=0)
-
-  def step():
-    q = model.model(input_ids=b["query_ids"], attention_mask=b["query_mask"],
-                    position_ids=positions(b["query_mask"])).last_hidden_state
-    logits = model.lm_head(q[:, :-1]).float()
-    target, weight = b["query_ids"][:, 1:], b["query_loss_mask"][:, 1:].float()
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-    loss_gen = (nll * weight).sum() / weight.sum().clamp(min=1)
-    d = model.model(input_ids=b["doc_ids"], attention_mask=b["doc_mask"],
-                    position_ids=positions(b["doc_mask"])).last_hidden_state
-    scores = embed(q, b["query_mask"]) @ embed(d, b["doc_mask"]).T / t.tau
-    labels = torch.arange(scores.shape[0]) * t.group_size
-    loss = t.w_ctr * torch.nn.functional.cross_entropy(scores, labels) + t.w_gen * loss_gen
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
-    opt.step()
-    return loss.item()
-
-  return step
+  return lambda: torch_contrastive_step(model, opt, b, tau=t.tau, group_size=t.group_size, w_ctr=t.w_ctr,
+                                        w_gen=t.w_gen, clip_norm=o.clip_norm)
 
 
 def bench_config(name: str, overrides: list[str], steps: int, peak: float) -> None:
