@@ -304,8 +304,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> dict[str, 
   _choice(problems, "config.model.remat_policy", m.remat_policy, tuple(REMAT_POLICIES))
   _choice(problems, "config.model.attention", m.attention, ATTENTION_IMPLEMENTATIONS)
   _choice(problems, "config.train.finetune", t.finetune, ("full", "lora"))
-  _choice(problems, "config.optim.warmup", o.warmup, ("linear", "log"))
-  _choice(problems, "config.optim.decay", o.decay, ("linear", "cosine"))
+  _choice(problems, "config.optim.warmup", o.warmup, optim.WARMUPS)
+  _choice(problems, "config.optim.decay", o.decay, optim.DECAYS)
   _choice(problems, "config.data.kind", d.kind, ("synthetic", "tfrecord"))
   problems += _arch_problems(config)
   mesh = None

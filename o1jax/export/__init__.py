@@ -24,17 +24,15 @@ import os
 import pathlib
 import tempfile
 
-import jax
 import transformers
 
-from o1jax import checkpoint, lora
-from o1jax.convert import layout, save_hf
+from o1jax.convert import save_hf
 from o1jax.export import model_card, peft_adapter, sbert
 from o1jax.files import publish_directory
 from o1jax.generate import Sampling
 from o1jax.model import ModelConfig
 from o1jax.model.config import DTYPES
-from o1jax.retrieval.loading import load_checkpoint_for_inference
+from o1jax.retrieval.loading import restore_weights
 from o1jax.retrieval.retriever import EVAL_LENGTHS
 from o1jax.tokenizer import SpecialIds
 
@@ -73,27 +71,6 @@ def _check_out(ckpt_dir: str | os.PathLike, out: pathlib.Path, overwrite: bool) 
     raise FileExistsError(f"--out={out} exists and is no model directory (no config.json): not replacing it")
 
 
-def _restore_adapters(ckpt_dir: str | os.PathLike, step: int | None, model_cfg: ModelConfig,
-                      lora_cfg: lora.LoraConfig, with_kernels: bool) -> tuple[int, dict]:
-  """(step, {'lora': adapters[, 'params': the target kernels before the merge]}) of the checkpoint's step."""
-  shapes = layout.expected_shapes(model_cfg)
-  abstract = {"lora": jax.eval_shape(lambda: lora.init(shapes, lora_cfg, jax.random.key(0)))}
-  if with_kernels:
-    abstract["params"] = {"layers": {parent: {target: {"kernel": shapes["layers"][parent][target]["kernel"]}
-                                              for target in modules}
-                                     for parent, modules in abstract["lora"]["layers"].items()}}
-  return checkpoint.restore_on_host(str(ckpt_dir), abstract, step)
-
-
-def _unmerged(params: dict, kernels: dict) -> dict:
-  """`params` with the target kernels replaced by `kernels` (same tree shape as the 'params' restored above)."""
-  layers = {parent: dict(modules) for parent, modules in params["layers"].items()}
-  for parent, modules in kernels["layers"].items():
-    for target, leaves in modules.items():
-      layers[parent][target] = {**layers[parent][target], **leaves}
-  return {**params, "layers": layers}
-
-
 def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None,
            dtype: str = "float32", overwrite: bool = False, thinking: Thinking = Thinking()) -> pathlib.Path:
   """Writes the export directory `out_dir` of a training checkpoint; returns its path."""
@@ -102,15 +79,16 @@ def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | 
   # Absolute without resolving links: `.` gets a name, and a link stays a link (_check_out refuses it).
   out = pathlib.Path(os.path.abspath(out_dir))
   _check_out(ckpt_dir, out, overwrite)
-  config, run_model_cfg, _ = checkpoint.load_run_files(str(ckpt_dir))
-  lora_cfg = lora.LoraConfig.from_mapping(config.train.lora) if config.train.finetune == "lora" else None
+  # One restore of one step (the latest may move on while a trainer runs): the merged model and the adapter
+  # both come from it.
+  weights = restore_weights(ckpt_dir, step)
+  config, lora_cfg, tokenizer = weights.config, weights.lora_cfg, weights.tokenizer
   # The backbone a Hugging Face run started from is the adapter's base; any other is exported as base/.
   base_model = config.model.path if config.model.source == "hf" else None
-  if lora_cfg is not None:
-    # The adapters first: that fixes the step (the latest may move on while a trainer runs).
-    step, unmerged = _restore_adapters(ckpt_dir, step, run_model_cfg, lora_cfg, with_kernels=base_model is None)
-  model_cfg, params, tokenizer = load_checkpoint_for_inference(ckpt_dir, step)
-  model_cfg = model_cfg.replace(param_dtype=dtype)
+  params, adapters = weights.merged_params(), weights.lora
+  base_params = weights.params if lora_cfg is not None and base_model is None else None
+  model_cfg = weights.model_cfg.replace(param_dtype=dtype)
+  del weights  # the unmerged kernels are held only while base/ needs them
   out.parent.mkdir(parents=True, exist_ok=True)
   # Staged next to `out` (same file system, so the final rename is atomic); removed on any failure.
   with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.export-") as staging:
@@ -119,13 +97,13 @@ def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | 
     sbert.write(staged, tokenizer, model_cfg.hidden_size, EVAL_LENGTHS)
     adapter = None
     if lora_cfg is not None:
-      if base_model is None:
-        save_hf(model_cfg, _unmerged(params, unmerged["params"]), staged / BASE_DIR, tokenizer=tokenizer)
+      if base_params is not None:
+        save_hf(model_cfg, base_params, staged / BASE_DIR, tokenizer=tokenizer)
       special = SpecialIds.from_tokenizer(tokenizer)
       full_embeddings = bool(config.train.train_embeddings)
       # The merge leaves the embeddings and the LM head as they are: the adapter's token rows come from `params`.
       peft_adapter.save_adapter(
-          staged / ADAPTER_DIR, model_cfg, params, unmerged["lora"], lora_cfg, tokenizer,
+          staged / ADAPTER_DIR, model_cfg, params, adapters, lora_cfg, tokenizer,
           [special.query, special.query_end, special.thought, special.emb], full_embeddings,
           base_model if base_model is not None else str(out / BASE_DIR), dtype)
       adapter = model_card.AdapterFacts(lora_cfg.rank, lora_cfg.alpha, lora_cfg.targets, full_embeddings,

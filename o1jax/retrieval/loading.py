@@ -7,6 +7,7 @@ processes saved them.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -15,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from o1jax import checkpoint, lora
@@ -33,6 +35,37 @@ def _with_token_ids(cfg: ModelConfig, tokenizer: Any) -> ModelConfig:
       pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else special.pad)
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointWeights:
+  """One saved step as trained: parameters with the LoRA adapters beside them, not merged."""
+  step: int
+  config: ml_collections.ConfigDict  # the run's train config (run/train_config.json)
+  model_cfg: ModelConfig
+  tokenizer: Any
+  params: dict  # host arrays
+  lora_cfg: lora.LoraConfig | None
+  lora: dict | None  # host arrays; None for full fine-tuning
+
+  def merged_params(self) -> dict:
+    """The parameters a retriever runs with: adapters folded into the kernels (other leaves shared)."""
+    if self.lora_cfg is None:
+      return self.params
+    return jax.tree.map(np.asarray, lora.merge(self.params, self.lora, self.lora_cfg))
+
+
+def restore_weights(ckpt_dir: str | os.PathLike, step: int | None = None) -> CheckpointWeights:
+  """Params and LoRA adapters (no optimizer state) of a training checkpoint's step (default the latest), with its
+  run files: one read of each."""
+  config, model_cfg, tokenizer = checkpoint.load_run_files(str(ckpt_dir))
+  model_cfg = _with_token_ids(model_cfg, tokenizer)
+  abstract = {"params": jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0))}
+  lora_cfg = lora.LoraConfig.from_mapping(config.train.lora) if config.train.finetune == "lora" else None
+  if lora_cfg is not None:
+    abstract["lora"] = jax.eval_shape(lambda: lora.init(abstract["params"], lora_cfg, jax.random.key(0)))
+  step, state = checkpoint.restore_on_host(str(ckpt_dir), abstract, step)
+  return CheckpointWeights(step, config, model_cfg, tokenizer, state["params"], lora_cfg, state.get("lora"))
+
+
 def load_checkpoint_for_inference(ckpt_dir: str | os.PathLike, step: int | None = None
                                   ) -> tuple[ModelConfig, dict, Any]:
   """(ModelConfig, host params with LoRA merged, tokenizer with the special tokens) of a training checkpoint.
@@ -41,17 +74,8 @@ def load_checkpoint_for_inference(ckpt_dir: str | os.PathLike, step: int | None 
     ckpt_dir: a `config.checkpoint.dir` of `python -m o1jax.train`.
     step: the saved step to load; default the latest.
   """
-  config, model_cfg, tokenizer = checkpoint.load_run_files(str(ckpt_dir))
-  model_cfg = _with_token_ids(model_cfg, tokenizer)
-  abstract = {"params": jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0))}
-  lora_cfg = lora.LoraConfig.from_mapping(config.train.lora) if config.train.finetune == "lora" else None
-  if lora_cfg is not None:
-    abstract["lora"] = jax.eval_shape(lambda: lora.init(abstract["params"], lora_cfg, jax.random.key(0)))
-  _, state = checkpoint.restore_on_host(str(ckpt_dir), abstract, step)
-  params = state["params"]
-  if lora_cfg is not None:
-    params = jax.tree.map(np.asarray, lora.merge(params, state["lora"], lora_cfg))
-  return model_cfg, params, tokenizer
+  weights = restore_weights(ckpt_dir, step)
+  return weights.model_cfg, weights.merged_params(), weights.tokenizer
 
 
 def checkpoint_fingerprint(path: str | os.PathLike) -> str:
