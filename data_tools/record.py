@@ -11,6 +11,12 @@ Features (bytes lists are UTF-8 text):
   vote                              bytes [1]       "soft" or "hard"
   vote_totals                       float [k]       what the vote maximized
   chosen                            int64 [1]
+  positive_scores, negative_scores  float [P], [N]  teacher scores for distillation (empty when not scored)
+  teacher                           bytes [1]       the model that gave them ("" when not scored)
+  miner                             bytes [1]       how the negatives were found ("" when they came with the data)
+  task_type                         bytes [1]       the source's task label (the reference's `type`; "" if none)
+
+A record read back keeps every field; shards written before the teacher fields existed read as unscored.
 """
 from __future__ import annotations
 
@@ -37,6 +43,11 @@ class ThoughtRecord:
   committee_scores: np.ndarray  # [M, k]
   vote: str
   vote_totals: np.ndarray  # [k]
+  positive_scores: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))  # [P] or []
+  negative_scores: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))  # [N] or []
+  teacher: str = ""
+  miner: str = ""
+  task_type: str = ""
 
   @property
   def thought(self) -> str:
@@ -50,7 +61,10 @@ class ThoughtRecord:
         "committee_members": list(self.committee_members),
         "committee_weights": np.asarray(self.committee_weights, np.float32),
         "committee_scores": np.asarray(self.committee_scores, np.float32).ravel(),
-        "vote": [self.vote], "vote_totals": np.asarray(self.vote_totals, np.float32), "chosen": [self.chosen]})
+        "vote": [self.vote], "vote_totals": np.asarray(self.vote_totals, np.float32), "chosen": [self.chosen],
+        "positive_scores": np.asarray(self.positive_scores, np.float32),
+        "negative_scores": np.asarray(self.negative_scores, np.float32),
+        "teacher": [self.teacher], "miner": [self.miner], "task_type": [self.task_type]})
 
 
 def from_features(features: Mapping[str, tfrecord.DecodedFeature]) -> ThoughtRecord:
@@ -58,6 +72,9 @@ def from_features(features: Mapping[str, tfrecord.DecodedFeature]) -> ThoughtRec
 
   def text(key: str) -> tuple[str, ...]:
     return tuple(tfrecord.feature_text(features, key))
+
+  def optional_text(key: str) -> str:
+    return (text(key) or ("",))[0]
 
   def floats(key: str) -> np.ndarray:
     return np.asarray(features.get(key, []), np.float32)
@@ -73,7 +90,13 @@ def from_features(features: Mapping[str, tfrecord.DecodedFeature]) -> ThoughtRec
       positives=text("positives"), negatives=text("negatives"), positive_ids=text("positive_ids"),
       negative_ids=text("negative_ids"), committee_members=members, committee_weights=floats("committee_weights"),
       committee_scores=scores.reshape(len(members), len(thoughts)), vote=text("vote")[0],
-      vote_totals=floats("vote_totals"))
+      vote_totals=floats("vote_totals"), positive_scores=floats("positive_scores"),
+      negative_scores=floats("negative_scores"), teacher=optional_text("teacher"), miner=optional_text("miner"),
+      task_type=optional_text("task_type"))
+  for field, scores, passages in (("positive_scores", record.positive_scores, record.positives),
+                                  ("negative_scores", record.negative_scores, record.negatives)):
+    if scores.size not in (0, len(passages)):
+      raise ValueError(f"query {record.query_id!r}: {scores.size} {field} for {len(passages)} passages")
   if text("thought")[0] != record.thought:
     raise ValueError(f"query {record.query_id!r}: thought is not thoughts[chosen]")
   return record

@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from data_tools import synthesize
+from data_tools import shards, synthesize
 from data_tools.chat_server import ChatServer, ServerFault
 from data_tools.explore import ExpertError
 from data_tools.record import read_shard
@@ -107,7 +107,7 @@ def test_outage_leaves_the_shard_to_a_rerun_that_synthesizes_exactly_the_missing
     monkeypatch.setenv(KEY_ENV, KEY)
     result = synthesize.main(args)
   missing = sorted(set(reference) - set(done))
-  assert [synthesize.shard_name("train", s, NUM_SHARDS) for s in result["shards_written"]] == missing
+  assert [shards.shard_name("train", s, NUM_SHARDS) for s in result["shards_written"]] == missing
   assert expert.answered == K * sum(sizes[name] for name in missing)  # nothing asked twice
   assert result["skipped"] == {} and result["manifest"]["num_records"] == NUM_QUERIES
   assert _shard_bytes(out) == reference

@@ -2,10 +2,9 @@
 `python -m o1jax.train` (a tiny random transformers Llama) that resumes at the same example after a restore, and
 after a corrupt record stopped it (with `config.data.skip_bad`).
 
-Shards are written by `data_tools.synthesize.write_shard` (its writer, sidecar and manifest path) from records
+Shards are written by `data_tools.shards.write_shard` (its writer, sidecar and manifest path) from records
 built directly (no LLM): the synthetic world's records in the `data_tools.record` layout.
 """
-import argparse
 import dataclasses
 import json
 import logging
@@ -22,7 +21,7 @@ import tqdm
 import transformers
 
 from data_tools import record as record_layout
-from data_tools import synthesize
+from data_tools import shards
 from o1jax import templates, train
 from o1jax.data import batching, pipeline, synthetic, tfrecord
 from o1jax.tokenizer import SpecialIds
@@ -55,9 +54,9 @@ def write_dataset(out: pathlib.Path) -> pathlib.Path:
   records = [thought_record(r) for r in synthetic.make_records(SPEC)]
   with tqdm.tqdm(disable=True) as progress:
     for s in range(NUM_SHARDS):
-      synthesize.write_shard(out / synthesize.shard_name("train", s, NUM_SHARDS), s, records[s::NUM_SHARDS],
-                             _Prebuilt(), batch=4, progress=progress)
-  manifest = synthesize.write_manifest(out, argparse.Namespace(split="train", num_shards=NUM_SHARDS), {"test": 1})
+      shards.write_shard(out / shards.shard_name("train", s, NUM_SHARDS), s, records[s::NUM_SHARDS],
+                         _Prebuilt().records, batch=4, progress=progress)
+  manifest = shards.write_manifest(out, "train", NUM_SHARDS, {"test": 1})
   assert manifest is not None and manifest["num_records"] == len(records)
   return out / "manifest.json"
 
@@ -78,14 +77,14 @@ def sequential(manifest: pathlib.Path) -> list[dict]:
   """Every record by a plain sequential read of the shards with data_tools' own reader."""
   out = []
   for s in range(NUM_SHARDS):
-    for r in record_layout.read_shard(manifest.parent / synthesize.shard_name("train", s, NUM_SHARDS)):
+    for r in record_layout.read_shard(manifest.parent / shards.shard_name("train", s, NUM_SHARDS)):
       out.append({"query_id": r.query_id, "query": r.query, "thought": r.thought, "positives": list(r.positives),
                   "negatives": list(r.negatives)})
   return out
 
 
 def shard_path(manifest: pathlib.Path, s: int) -> pathlib.Path:
-  return manifest.parent / synthesize.shard_name("train", s, NUM_SHARDS)
+  return manifest.parent / shards.shard_name("train", s, NUM_SHARDS)
 
 
 def test_indexed_source_equals_a_sequential_read(dataset):

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from data_tools import shards as shard_layout
 from data_tools import synthesize
 from data_tools.chat_server import ChatServer, ServerFault
 from data_tools.record import read_shard
@@ -53,7 +54,7 @@ def test_local_expert_end_to_end(local_run, shared_dir):
   beir = readers.load_beir(_scifact(shared_dir), "train")
   for name, records in shards.items():
     for r in records:
-      assert name == synthesize.shard_name("train", synthesize.shard_of(r.query_id, 2), 2)
+      assert name == shard_layout.shard_name("train", shard_layout.shard_of(r.query_id, 2), 2)
       assert r.query == beir.queries[r.query_id]
       assert set(r.positive_ids) == {d for d, rel in beir.qrels[r.query_id].items() if rel > 0}
       assert r.positives[0] == f"{beir.corpus[r.positive_ids[0]].title} {beir.corpus[r.positive_ids[0]].text}"

@@ -91,6 +91,19 @@ class Batcher:
     self.first_query = process_index * self.local_queries
     self.steps_per_epoch = len(records) // spec.batch_queries  # the remainder of each epoch is dropped
     self._reported: set[int] = set()
+    if spec.teacher_scores:
+      self._check_teacher_scores()
+
+  def _check_teacher_scores(self) -> None:
+    """Distilling from records that carry no teacher scores is named before anything compiles."""
+    try:
+      record = self.records[0]
+    except TFRecordError:
+      return  # a corrupt record is the batches' to report, or to skip
+    if isinstance(record, Mapping) and "positive_scores" not in record:
+      raise RecordError(0, record, "positive_scores",
+                        "config.train.w_distill > 0 needs teacher scores and the records carry none: ingest a file "
+                        "that has them (python -m data_tools.ingest) or add them (python -m data_tools.score)")
 
   def _tokenize(self, texts: list[str]) -> list[list[int]]:
     # BOS comes from the templates, never from the tokenizer.

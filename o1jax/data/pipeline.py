@@ -5,7 +5,8 @@
 are what `o1jax.data.batching.Batcher` needs. Opening scans only the framing headers of every shard (length +
 its CRC, no payload read) into one int64 byte offset per record, so memory is O(records x 8 bytes), not the
 data; `records[i]` then reads that one record with `os.pread` (thread-safe, no shared file position), checks
-its data CRC and decodes it to the batcher's dict {query_id, query, thought, positives, negatives}.
+its data CRC and decodes it to the batcher's dict {query_id, query, thought, positives, negatives} plus the
+teacher scores {positive_scores, negative_scores} where the shard has them (distillation).
 
 Processes and determinism. `Batcher` defines the global batch `i` from one permutation of *all* records and
 gives each process its own contiguous rows. Every process therefore indexes every shard (16 bytes read per
@@ -50,6 +51,7 @@ from o1jax.data import tfrecord
 
 _TEXT_FIELDS = ("query_id", "query", "thought", "positives", "negatives")
 _REQUIRED = ("query_id", "query", "positives")
+_SCORE_FIELDS = ("positive_scores", "negative_scores")
 _SHARD_FIELDS = ("shard", "file", "num_records", "sha256")  # of each manifest entry
 
 
@@ -178,6 +180,12 @@ class TFRecordSource(Sequence):
       if not values and key in _REQUIRED:
         raise tfrecord.TFRecordError(path, index, offset, f"missing feature {key!r}")
       record[key] = values if key in ("positives", "negatives") else (values or [""])[0]
+    for key in _SCORE_FIELDS:
+      kind = feature[key].WhichOneof("kind") if key in feature else None
+      if kind not in (None, "float_list"):
+        raise tfrecord.TFRecordError(path, index, offset, f"feature {key!r} is a {kind}, expected a float_list")
+      if kind:
+        record[key] = np.asarray(feature[key].float_list.value, np.float32)
     return record
 
   def close(self) -> None:

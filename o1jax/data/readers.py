@@ -1,6 +1,7 @@
 """Strict readers for the retrieval data formats o1jax trains and evaluates on.
 
-BEIR directories (corpus/queries jsonl, qrels tsv), TREC topics and qrels, MS MARCO triples and grouped jsonl
+BEIR directories (corpus/queries jsonl, qrels tsv), TREC topics and qrels, MS MARCO collection / queries /
+triples (tsv), loose corpus + queries + qrels files (`load_files`, jsonl or tsv) and grouped jsonl
 (`{query, pos: [...], neg: [...]}`). Every file may be gzipped (`.gz`). Malformed input raises
 `DataFormatError` naming the file, the 1-based line and the field: a bad record is never dropped silently.
 """
@@ -216,6 +217,40 @@ def read_trec_topics(path: PathLike) -> dict[str, str]:
   return topics
 
 
+def read_tsv_corpus(path: PathLike) -> dict[str, Doc]:
+  """MS MARCO `collection.tsv`: `pid<TAB>text`, or `pid<TAB>title<TAB>text`, per line."""
+  corpus: dict[str, Doc] = {}
+  seen: dict[str, int] = {}
+  for number, line in read_lines(path):
+    columns = line.split("\t")
+    if len(columns) not in (2, 3):
+      raise DataFormatError(path, number, "columns", f"expected 'pid<TAB>text' or 'pid<TAB>title<TAB>text', got "
+                            f"{len(columns)} tab-separated columns")
+    doc_id, text = columns[0].strip(), columns[-1]
+    if not doc_id:
+      raise DataFormatError(path, number, "pid", "empty id")
+    if not text.strip():
+      raise DataFormatError(path, number, "text", "empty text")
+    _check_new(path, number, "pid", doc_id, seen)
+    corpus[doc_id] = Doc(title=columns[1] if len(columns) == 3 else "", text=text)
+  return corpus
+
+
+def _is_tsv(path: PathLike) -> bool:
+  name = str(path).removesuffix(".gz")
+  return name.endswith((".tsv", ".txt"))
+
+
+def read_corpus(path: PathLike) -> dict[str, Doc]:
+  """A corpus as BEIR jsonl or MS MARCO tsv, by its extension (`.tsv`/`.txt`, else jsonl; `.gz` either way)."""
+  return read_tsv_corpus(path) if _is_tsv(path) else read_beir_corpus(path)
+
+
+def read_queries(path: PathLike) -> dict[str, str]:
+  """Queries as BEIR jsonl or `qid<TAB>text` tsv (MS MARCO queries.tsv, TREC topics), by extension."""
+  return read_trec_topics(path) if _is_tsv(path) else read_beir_queries(path)
+
+
 def _find(directory: pathlib.Path, stem: str) -> pathlib.Path:
   for candidate in (directory / stem, directory / f"{stem}.gz"):
     if candidate.exists():
@@ -231,13 +266,18 @@ def load_beir(directory: PathLike, split: str, require_judged_docs: bool = True)
   The returned queries are the ones judged in the split.
   """
   directory = pathlib.Path(directory)
-  corpus_path = _find(directory, "corpus.jsonl")
-  queries_path = _find(directory, "queries.jsonl")
-  qrels_path = _find(directory / "qrels", f"{split}.tsv")
-  corpus = read_beir_corpus(corpus_path)
+  return load_files(_find(directory, "corpus.jsonl"), _find(directory, "queries.jsonl"),
+                    _find(directory / "qrels", f"{split}.tsv"), require_judged_docs)
+
+
+def load_files(corpus_path: PathLike, queries_path: PathLike, qrels_path: PathLike,
+               require_judged_docs: bool = True) -> BeirDataset:
+  """A dataset from loose files: corpus and queries as jsonl or tsv (`read_corpus`, `read_queries`), qrels as
+  BEIR tsv or TREC 4-column; checked as `load_beir` checks a directory."""
+  corpus = read_corpus(corpus_path)
   if not corpus:
     raise DataFormatError(corpus_path, 1, "_id", "empty corpus")
-  all_queries = read_beir_queries(queries_path)
+  all_queries = read_queries(queries_path)
   for number, query_id, doc_id, _ in _qrels_rows(qrels_path):
     if query_id not in all_queries:
       raise DataFormatError(qrels_path, number, "query-id", f"query {query_id!r} is not in {queries_path}")
