@@ -36,7 +36,7 @@ class OptimConfig:
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
-  clip_norm: float = 1.0
+  clip_norm: float = 1.0  # 0 = no clipping (clipping to norm 0 would zero every update)
 
   def __post_init__(self):
     if self.warmup not in WARMUPS:
@@ -87,8 +87,10 @@ def decay_mask(trainable: Any) -> Any:
 
 def make_optimizer(optim_cfg: OptimConfig, steps: int, labels: Any) -> optax.GradientTransformation:
   """AdamW with global-norm clipping on leaves labelled TRAIN; FROZEN leaves get no update and no state."""
+  # identity keeps the optimizer state's structure, so a run may resume with clipping switched on or off.
+  clip = optax.clip_by_global_norm(optim_cfg.clip_norm) if optim_cfg.clip_norm > 0 else optax.identity()
   adamw = optax.chain(
-      optax.clip_by_global_norm(optim_cfg.clip_norm),
+      clip,
       optax.adamw(schedule(optim_cfg, steps), b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                   weight_decay=optim_cfg.weight_decay, mask=decay_mask))
   return optax.multi_transform({TRAIN: adamw, FROZEN: optax.set_to_zero()}, labels)

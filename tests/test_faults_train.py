@@ -91,13 +91,19 @@ def flip_bytes(step_dir: pathlib.Path, count: int = 64) -> None:
 # ---------------------------------------------------------------- divergence
 
 def test_divergence_stops_before_a_save_and_keeps_the_last_finite_step(tmp_path, compile_cache):
-  # The reproduction, shorter: the state goes non-finite at step 10, a save step.
-  proc = cli(compile_cache, *args(tmp_path / "ckpt", "--config.optim.lr=1000", "--config.optim.clip_norm=0",
+  # A save every step and keep=1: the first non-finite step (3: the log warmup's first real update, at lr 1e20,
+  # overflows the next forward pass) would replace the last finite one if it were saved.
+  proc = cli(compile_cache, *args(tmp_path / "ckpt", "--config.optim.lr=1e20", "--config.checkpoint.every=1",
                                   "--config.checkpoint.keep=1", "--config.train.steps=20"))
   line = last_line(proc)
-  assert line.startswith("step 10: training diverged (NaN or infinite values in "), line
-  assert "nothing after step 9 was saved" in line and "config.optim.lr" in line
-  assert steps_in(tmp_path / "ckpt") == [5]  # keep=1, and step 5 is still the one kept
+  assert line.startswith("step 3: training diverged (loss=nan, grad_norm=nan)"), line
+  assert "nothing after step 2 was saved" in line and "config.optim.lr" in line
+  assert steps_in(tmp_path / "ckpt") == [2]
+  # lr 1e39 is infinite in float32: finite loss and gradients, but the first update makes the state non-finite.
+  proc = cli(compile_cache, *args(tmp_path / "state", "--config.optim.lr=1e39", "--config.checkpoint.every=1"))
+  line = last_line(proc)
+  assert line.startswith("step 1: training diverged (NaN or infinite values in "), line
+  assert steps_in(tmp_path / "state") == []
 
 
 def test_the_guard_names_the_first_non_finite_step_without_fetching_every_step():

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec
 
@@ -267,3 +268,24 @@ def test_weight_decay_mask():
                                         "self_attn": {"q_proj": {"kernel": True, "bias": False}}},
                              "lm_head": {"kernel": False}},
                   "lora": {"layers": {"self_attn": {"q_proj": {"lora_a": True}}}}}
+
+
+def test_clip_norm_zero_means_no_clipping():
+  base = {"lr": 0.1, "warmup_frac": 0.0, "warmup": "linear", "b1": 0.9, "b2": 0.999, "eps": 1e-8,
+          "weight_decay": 0.0}
+  params = {"params": {"w": jnp.array([1.0, -2.0])}}
+  labels = {"params": {"w": optim.TRAIN}}
+  grads = {"params": {"w": jnp.array([300.0, -400.0])}}  # global norm 500
+
+  def first_update(clip_norm):
+    tx = optim.make_optimizer(optim.OptimConfig(**base, clip_norm=clip_norm), 10, labels)
+    return tx.update(grads, tx.init(params), params)[0]["params"]["w"]
+
+  plain = optax.adamw(0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+  want = plain.update(grads["params"], plain.init(params["params"]), params["params"])[0]["w"]
+  np.testing.assert_allclose(first_update(0.0), want, rtol=1e-6)
+  clipped = optax.chain(optax.clip_by_global_norm(1e-3), plain)
+  np.testing.assert_allclose(first_update(1e-3), clipped.update(grads["params"], clipped.init(params["params"]),
+                                                                params["params"])[0]["w"], rtol=1e-6)
+  assert jax.tree.structure(optim.make_optimizer(optim.OptimConfig(**base, clip_norm=0.0), 10, labels).init(params)) \
+      == jax.tree.structure(optim.make_optimizer(optim.OptimConfig(**base, clip_norm=1.0), 10, labels).init(params))
