@@ -91,3 +91,49 @@ def explore(expert: Expert, builder: PromptBuilder, queries: Sequence[TrainQuery
   if missing or extra:
     raise ExpertError(f"expert answers do not match requests: missing {missing[:5]}, unexpected {sorted(extra)[:5]}")
   return {q.query_id: [t for c in range(k) if (t := answers[(q.query_id, c)].strip())] for q in queries}
+
+
+class Exploration:
+  """Candidate thoughts for batches of queries; with `skip_bad`, the queries the expert fails on are set aside.
+
+  An unavailable expert is never the query's fault: skipping the query would drop it, for good, from a shard
+  marked complete, so `ExpertUnavailable` always propagates and leaves the shard to the next run.
+  """
+
+  def __init__(self, expert: Expert, builder: PromptBuilder, k: int, skip_bad: bool):
+    self.expert, self.builder, self.k, self.skip_bad = expert, builder, k, skip_bad
+
+  def skippable(self, error: Exception) -> bool:
+    return self.skip_bad and not isinstance(error, ExpertUnavailable)
+
+  def set_aside(self, query_id: str, error: Exception, bad: dict[str, str]) -> None:
+    """Records `error` as the reason `query_id` is left out, or raises it when it may not be skipped."""
+    if not self.skippable(error):
+      raise error
+    bad[query_id] = str(error)
+
+  def _explore(self, queries: Sequence[TrainQuery], bad: dict[str, str]) -> dict[str, list[str]]:
+    try:
+      return explore(self.expert, self.builder, queries, self.k)
+    except ExpertError as e:
+      if not self.skippable(e):
+        raise
+      if len(queries) == 1:
+        bad[queries[0].query_id] = str(e)
+        return {}
+    thoughts = {}  # find the failing queries one by one
+    for q in queries:
+      try:
+        thoughts.update(explore(self.expert, self.builder, [q], self.k))
+      except ExpertError as e:
+        self.set_aside(q.query_id, e, bad)
+    return thoughts
+
+  def candidates(self, queries: Sequence[TrainQuery], bad: dict[str, str]) -> dict[str, list[str]]:
+    """The non-empty candidates of every query that has one; the others are set aside in `bad` (or raise)."""
+    thoughts = self._explore(queries, bad)
+    for q in queries:
+      if q.query_id in thoughts and not thoughts[q.query_id]:
+        self.set_aside(q.query_id, ExpertError(
+            f"query {q.query_id!r}: the expert answered all {self.k} candidates with empty text"), bad)
+    return {query_id: found for query_id, found in thoughts.items() if found}

@@ -2,13 +2,16 @@
 
 Features (bytes lists are UTF-8 text):
   query_id, query, thought          bytes [1]       thought = thoughts[chosen], the behavior-cloning target
-  thoughts                          bytes [k]       the non-empty candidates, in candidate order (k <= --k)
+  thoughts                          bytes [k]       the non-empty candidates, in candidate order (k <= --k); ("",) for
+                                                    a record ingested without a thought (`--keep_missing`)
   positives, negatives              bytes [P], [N]  passages (`{title} {text}` for BEIR)
   positive_ids, negative_ids        bytes [P], [N]  corpus ids when known (empty otherwise)
   committee_members                 bytes [M]       member names
   committee_weights                 float [M]
-  committee_scores                  float [M * k]   row-major [member, candidate] raw scores
-  vote                              bytes [1]       "soft" or "hard"
+  committee_scores                  float [M * k]   row-major [member, candidate] raw scores; NaN where no member
+                                                    scored a candidate (an ingested thought outside all_thought)
+  vote                              bytes [1]       "soft" or "hard"; "given" when the choice came with ingested data
+                                                    (vote_totals 1 at chosen), "none" for a record without a thought
   vote_totals                       float [k]       what the vote maximized
   chosen                            int64 [1]
   positive_scores, negative_scores  float [P], [N]  teacher scores for distillation (empty when not scored)

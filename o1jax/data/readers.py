@@ -157,7 +157,7 @@ def read_beir_queries(path: PathLike) -> dict[str, str]:
   return queries
 
 
-def _qrels_rows(path: PathLike) -> Iterator[tuple[int, str, str, int]]:
+def qrels_rows(path: PathLike) -> Iterator[tuple[int, str, str, int]]:
   """(line, query id, doc id, grade) rows of a BEIR tsv (with header) or a TREC 4-column qrels file."""
   first = True
   for number, line in read_lines(path):
@@ -190,7 +190,7 @@ def read_qrels(path: PathLike) -> dict[str, dict[str, int]]:
   """Relevance judgements `{query id: {doc id: grade}}`; a pair judged twice is an error."""
   qrels: dict[str, dict[str, int]] = {}
   seen: dict[tuple[str, str], int] = {}
-  for number, query_id, doc_id, grade in _qrels_rows(path):
+  for number, query_id, doc_id, grade in qrels_rows(path):
     if (query_id, doc_id) in seen:
       raise DataFormatError(path, number, "corpus-id",
                             f"pair ({query_id!r}, {doc_id!r}) judged again (first on line {seen[query_id, doc_id]})")
@@ -251,7 +251,8 @@ def read_queries(path: PathLike) -> dict[str, str]:
   return read_trec_topics(path) if _is_tsv(path) else read_beir_queries(path)
 
 
-def _find(directory: pathlib.Path, stem: str) -> pathlib.Path:
+def find_file(directory: pathlib.Path, stem: str) -> pathlib.Path:
+  """`directory/stem`, or its gzipped `stem.gz`."""
   for candidate in (directory / stem, directory / f"{stem}.gz"):
     if candidate.exists():
       return candidate
@@ -266,8 +267,8 @@ def load_beir(directory: PathLike, split: str, require_judged_docs: bool = True)
   The returned queries are the ones judged in the split.
   """
   directory = pathlib.Path(directory)
-  return load_files(_find(directory, "corpus.jsonl"), _find(directory, "queries.jsonl"),
-                    _find(directory / "qrels", f"{split}.tsv"), require_judged_docs)
+  return load_files(find_file(directory, "corpus.jsonl"), find_file(directory, "queries.jsonl"),
+                    find_file(directory / "qrels", f"{split}.tsv"), require_judged_docs)
 
 
 def load_files(corpus_path: PathLike, queries_path: PathLike, qrels_path: PathLike,
@@ -278,7 +279,7 @@ def load_files(corpus_path: PathLike, queries_path: PathLike, qrels_path: PathLi
   if not corpus:
     raise DataFormatError(corpus_path, 1, "_id", "empty corpus")
   all_queries = read_queries(queries_path)
-  for number, query_id, doc_id, _ in _qrels_rows(qrels_path):
+  for number, query_id, doc_id, _ in qrels_rows(qrels_path):
     if query_id not in all_queries:
       raise DataFormatError(qrels_path, number, "query-id", f"query {query_id!r} is not in {queries_path}")
     if require_judged_docs and doc_id not in corpus:
