@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 import dataclasses
-import pathlib
 import sys
 from typing import Any
 
@@ -278,7 +277,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   args = parse_args(argv)
   loaded = load(args)
   return shards.write_shards(
-      pathlib.Path(args.out), args.split, args.num_shards, args.num_workers, args.worker_index, loaded.entries,
+      args.out, args.split, args.num_shards, args.num_workers, args.worker_index, loaded.entries,
       lambda: Ingester(args, loaded).records, output_config(args), args.queries_per_batch, "ingest",
       retry_errors=(explore.ExpertUnavailable,), retry_hint=" once the expert answers")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 import dataclasses
-import pathlib
 import sys
 from typing import Any
 
@@ -125,7 +124,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   data = load_data(args)
   selected = data.queries[:args.limit] if args.limit is not None else data.queries
   return shards.write_shards(
-      pathlib.Path(args.out), args.split, args.num_shards, args.num_workers, args.worker_index, selected,
+      args.out, args.split, args.num_shards, args.num_workers, args.worker_index, selected,
       lambda: Synthesizer(args, data).records, output_config(args), args.queries_per_batch, "synthesize",
       retry_errors=(explore.ExpertUnavailable,), retry_hint=" once the expert answers")
 

@@ -1,11 +1,12 @@
-"""Orbax checkpoints of the train state and the data position, their integrity, the directory lock, and
-preemption signals.
+"""Orbax checkpoints of the train state and the data position, their integrity, and the directory lock.
 
 One checkpoint per saved step holds two items: `state` (the sharded pytree: params, LoRA, optimizer state, step,
 PRNG key data; every process writes its shards) and `data` (JSON: the next batch index and what gives it its
 meaning, so resume continues at the exact same example, and one checksum per state leaf). Saves are asynchronous:
 the step loop goes on while orbax writes, and each step directory appears under its final name only when complete.
-Paths may be local or `gs://...` (orbax writes through etils.epath).
+Paths may be local or `gs://...`: orbax writes through etils.epath (on fsspec/gcsfs, see `o1jax.storage`) and
+tensorstore; o1jax's own files go through `o1jax.storage`. On an object store a step appears when orbax writes its
+`commit_success.txt` last (there is no directory rename), and a step without it is not listed.
 
 Integrity. A state with a NaN or an infinity is never saved (`NonFiniteState`), so keep-K only ever replaces a
 finite step with a newer finite one. Each leaf's checksum is the wrapping uint32 sum of its bit patterns weighted by
@@ -18,15 +19,14 @@ the one before it.
 Beside the step directories, `run/` holds what rebuilds the model without the training command line: the train
 config (`train_config.json`), the model architecture (`model_config.json`) and the tokenizer with the special
 tokens (`tokenizer/`), written by process 0 once a run has restored or initialised its state (`save_run_files`,
-read by `load_run_files`), so they always describe the steps beside them. `.lock` is held (flock) by the one
-trainer writing the directory (`exclusive`).
+read by `load_run_files`), so they always describe the steps beside them. `.lock` is held by the one trainer
+writing the directory (`exclusive`): an flock on a local disk, a lease object on Cloud Storage (`o1jax.lease`).
 
-SIGTERM (preemption) and SIGINT are turned into a flag the loop polls after each step, so it can save a final
-checkpoint at a step boundary and exit cleanly.
+Stopping on SIGTERM (preemption) or SIGINT at the same step in every process is `o1jax.training.preemption`'s.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import contextlib
 import dataclasses
 import fcntl
@@ -34,13 +34,10 @@ import json
 import logging
 import os
 import pathlib
-import signal
 import socket
 import tempfile
-import threading
 from typing import Any
 
-from etils import epath
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
@@ -49,6 +46,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import transformers
 
+from o1jax import lease, storage
 from o1jax.files import atomic_write_bytes
 from o1jax.model import ModelConfig
 
@@ -263,12 +261,12 @@ class Checkpointer:
 
   def _set_aside(self, step: int) -> None:
     if jax.process_index() == 0:
-      aside = epath.Path(self.directory) / SET_ASIDE_DIR
-      aside.mkdir(parents=True, exist_ok=True)
-      target, n = aside / str(step), 1
-      while target.exists():
-        target, n = aside / f"{step}.{n}", n + 1
-      (epath.Path(self.directory) / str(step)).rename(target)
+      aside = storage.join(self.directory, SET_ASIDE_DIR)
+      storage.makedirs(aside)
+      target, n = storage.join(aside, str(step)), 1
+      while storage.exists(target):
+        target, n = storage.join(aside, f"{step}.{n}"), n + 1
+      storage.rename(storage.join(self.directory, str(step)), target)
     multihost_utils.sync_global_devices(f"o1jax checkpoint: step {step} set aside")
     self._manager.reload()
 
@@ -310,71 +308,99 @@ def abstract_like(state: Any, shardings: Any) -> Any:
 def save_run_files(directory: str, config: ml_collections.ConfigDict, model_cfg: ModelConfig,
                    tokenizer: Any) -> None:
   """Writes `directory`/run/: the train config, the model config and the tokenizer (each file atomically)."""
-  run = epath.Path(_absolute(directory)) / RUN_DIR
-  (run / TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
-  atomic_write_bytes(run / TRAIN_CONFIG, (config.to_json(indent=2, sort_keys=True) + "\n").encode())
-  atomic_write_bytes(run / MODEL_CONFIG, (json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n").encode())
+  run = storage.join(_absolute(directory), RUN_DIR)
+  storage.makedirs(storage.join(run, TOKENIZER_DIR))
+  atomic_write_bytes(storage.join(run, TRAIN_CONFIG), (config.to_json(indent=2, sort_keys=True) + "\n").encode())
+  atomic_write_bytes(storage.join(run, MODEL_CONFIG),
+                     (json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n").encode())
   # save_pretrained writes only local files; stage them, then copy (gs:// directories included).
   with tempfile.TemporaryDirectory() as staging:
     for file in tokenizer.save_pretrained(staging):
-      atomic_write_bytes(run / TOKENIZER_DIR / pathlib.Path(file).name, pathlib.Path(file).read_bytes())
+      atomic_write_bytes(storage.join(run, TOKENIZER_DIR, pathlib.Path(file).name), pathlib.Path(file).read_bytes())
 
 
 def load_run_files(directory: str) -> tuple[ml_collections.ConfigDict, ModelConfig, Any]:
   """(train config, ModelConfig, tokenizer) saved by `save_run_files` in checkpoint `directory`."""
-  run = epath.Path(_absolute(directory)) / RUN_DIR
-  if not (run / MODEL_CONFIG).exists():
-    raise FileNotFoundError(f"{run / MODEL_CONFIG}: missing; {directory} is not an o1jax checkpoint directory "
-                            "(python -m o1jax.train writes run/ when it starts)")
+  run = storage.join(_absolute(directory), RUN_DIR)
+  if not storage.exists(storage.join(run, MODEL_CONFIG)):
+    raise FileNotFoundError(f"{storage.join(run, MODEL_CONFIG)}: missing; {directory} is not an o1jax checkpoint "
+                            "directory (python -m o1jax.train writes run/ when it starts)")
   try:
-    config = ml_collections.ConfigDict(json.loads((run / TRAIN_CONFIG).read_text()))
-    model_cfg = ModelConfig(**json.loads((run / MODEL_CONFIG).read_text()))
+    config = ml_collections.ConfigDict(json.loads(storage.read_text(storage.join(run, TRAIN_CONFIG))))
+    model_cfg = ModelConfig(**json.loads(storage.read_text(storage.join(run, MODEL_CONFIG))))
   except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
     raise ValueError(f"{run}: unreadable run files ({TRAIN_CONFIG}, {MODEL_CONFIG}): {e}") from e
   with tempfile.TemporaryDirectory() as staging:
-    for file in (run / TOKENIZER_DIR).iterdir():
-      (pathlib.Path(staging) / file.name).write_bytes(file.read_bytes())
+    tokenizer_dir = storage.join(run, TOKENIZER_DIR)
+    for name in storage.listdir(tokenizer_dir):
+      (pathlib.Path(staging) / name).write_bytes(storage.read_bytes(storage.join(tokenizer_dir, name)))
     tokenizer = transformers.AutoTokenizer.from_pretrained(staging)
   return config, model_cfg, tokenizer
 
 
 def load_run_config(directory: str) -> dict[str, Any] | None:
   """The train config JSON of `directory`/run/ (that of the run whose steps are there), or None before one."""
-  path = epath.Path(_absolute(directory)) / RUN_DIR / TRAIN_CONFIG
-  if not path.exists():
+  path = storage.join(_absolute(directory), RUN_DIR, TRAIN_CONFIG)
+  if not storage.exists(path):
     return None
   try:
-    return json.loads(path.read_text())
+    return json.loads(storage.read_text(path))
   except (OSError, json.JSONDecodeError) as e:
     raise CheckpointError(f"{path}: unreadable ({e})") from e
 
 
-def _holder(path: pathlib.Path) -> str:
+def _holder(path: str) -> str:
   try:
-    return path.read_text().strip() or "unknown"
+    text = storage.read_text(path).strip()
   except OSError:
     return "unknown"
+  if not storage.is_remote(path):
+    return text or "unknown"
+  try:
+    return lease.describe(json.loads(text))
+  except (ValueError, AttributeError):
+    return "unknown"
+
+
+def _take_lock(path: str) -> tuple[Callable[[], None] | None, str]:
+  """(release, "") once this process holds the lock `path`, or (None, who holds it)."""
+  if storage.is_remote(path):
+    held = lease.Lease(path)
+    holder = held.acquire()
+    return (None, holder) if holder else (held.release, "")
+  local = pathlib.Path(path)
+  local.parent.mkdir(parents=True, exist_ok=True)
+  fd, holder = _lock(local)
+  if fd is None:
+    return None, holder
+
+  def release() -> None:
+    # Unlinked before the lock goes: unlinked after, it could be the file a new holder has just locked.
+    local.unlink(missing_ok=True)
+    os.close(fd)
+  return release, ""
 
 
 @contextlib.contextmanager
 def exclusive(directory: str) -> Iterator[None]:
   """Within the block, this job is the only trainer writing checkpoint `directory`.
 
-  Process 0 holds an exclusive flock on `directory`/.lock, which records its host and pid; the kernel releases it
-  when the process ends however it ends, so the lock of a killed trainer is simply taken over. Every process of
-  the job raises DirectoryLocked together when it is held elsewhere. Object stores (`gs://`) have no such lock:
-  a warning says so.
+  Process 0 holds the lock `directory`/.lock, which records its host and pid. On a local disk it is an exclusive
+  flock, which the kernel releases when the process ends however it ends, so the lock of a killed trainer is
+  simply taken over. On Cloud Storage (`gs://`) it is a lease object (`o1jax.lease`): created only if absent,
+  kept alive by a heartbeat, taken over once stale (at once when its holder ran on this machine and is gone).
+  Every process of the job raises DirectoryLocked together when it is held elsewhere. Other object stores have
+  no such lock: a warning says so.
   """
   directory = _absolute(directory)
-  if "://" in directory:
-    logging.warning("%s: no lock on an object store: make sure no other trainer writes this directory", directory)
+  if storage.is_remote(directory) and not directory.startswith("gs://"):
+    logging.warning("%s: no lock on this object store: make sure no other trainer writes this directory", directory)
     yield
     return
-  path = pathlib.Path(directory) / LOCK_FILE
-  fd, held_by = None, ""
+  path = storage.join(directory, LOCK_FILE)
+  release, held_by = None, ""
   if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, held_by = _lock(path)
+    release, held_by = _take_lock(path)
   if jax.process_count() > 1:
     if not multihost_utils.broadcast_one_to_all(np.int32(not held_by)):
       held_by = held_by or _holder(path)
@@ -385,10 +411,8 @@ def exclusive(directory: str) -> Iterator[None]:
   try:
     yield
   finally:
-    if fd is not None:
-      # Unlinked before the lock goes: unlinked after, it could be the file a new holder has just locked.
-      path.unlink(missing_ok=True)
-      os.close(fd)
+    if release is not None:
+      release()
 
 
 def _lock(path: pathlib.Path) -> tuple[int | None, str]:
@@ -399,7 +423,7 @@ def _lock(path: pathlib.Path) -> tuple[int | None, str]:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       os.close(fd)
-      return None, _holder(path)
+      return None, _holder(str(path))
     try:
       same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
     except FileNotFoundError:  # its holder released it (unlinking it) between our open and our lock
@@ -409,30 +433,3 @@ def _lock(path: pathlib.Path) -> tuple[int | None, str]:
       os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode())
       return fd, ""
     os.close(fd)
-
-
-class StopRequest:
-  """Set by SIGTERM/SIGINT while `catch_stop_signals` is active; the loop saves and exits at a step boundary."""
-
-  def __init__(self):
-    self._event = threading.Event()
-    self.signal_name = ""
-
-  def __bool__(self) -> bool:
-    return self._event.is_set()
-
-  def set(self, signum: int) -> None:
-    self.signal_name = signal.Signals(signum).name
-    self._event.set()
-
-
-@contextlib.contextmanager
-def catch_stop_signals() -> Iterator[StopRequest]:
-  """Within the block, SIGTERM and SIGINT only set the yielded StopRequest; old handlers come back after."""
-  request = StopRequest()
-  previous = {s: signal.signal(s, lambda signum, frame: request.set(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
-  try:
-    yield request
-  finally:
-    for s, handler in previous.items():
-      signal.signal(s, handler)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import dataclasses
-import glob
 import importlib.util
 import json
 import linecache
@@ -25,7 +24,7 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
-from o1jax import checkpoint, lora, optim, sharding, templates
+from o1jax import checkpoint, lora, optim, sharding, storage, templates
 from o1jax.data.batching import BatchSpec
 from o1jax.data.synthetic import SyntheticSpec
 from o1jax.model import REMAT_POLICIES, ModelConfig
@@ -61,7 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
       remat_policy="none",  # what each layer keeps for the backward pass (o1jax.model.REMAT_POLICIES)
       attention="auto",  # einsum | xla | cudnn | auto (cuDNN where it can run): o1jax.model.attention
   )
-  c.mesh = dict(data=1, fsdp=-1, tensor=1)
+  # Sizes within a slice (one may be -1: the rest of the slice's devices); dcn_data: slices joined over the
+  # data-center network, the data axis spanning them (o1jax.sharding: multi-slice).
+  c.mesh = dict(data=1, fsdp=-1, tensor=1, dcn_data=1)
   c.train = dict(
       steps=1000,
       batch_queries=64,
@@ -111,7 +112,7 @@ def pod_recipe(arch: dict, variant: str | None) -> ml_collections.ConfigDict:
   c.model.arch.update(arch)
   c.model.dtype = "bfloat16"
   c.model.remat_policy = "full"
-  c.mesh.update(data=1, fsdp=-1, tensor=1)
+  c.mesh.update(data=1, fsdp=-1, tensor=1, dcn_data=1)  # several slices: dcn_data=N (launch/tpu_pod.sh --slices)
   c.train.update(steps=7800, batch_queries=64, group_size=16, tau=0.02, thought_drop=0.1)  # ~1 MS MARCO epoch
   c.data.kind = "tfrecord"
   c.checkpoint.update(every=500, keep=3)
@@ -260,7 +261,7 @@ def _path_problems(config: ml_collections.ConfigDict) -> list[str]:
     if not d.train_files:
       problems.append("config.data.train_files: empty; data.kind 'tfrecord' needs file patterns")
     for pattern in d.train_files:
-      if not glob.glob(pattern):
+      if not storage.glob(pattern):
         problems.append(f"config.data.train_files: {pattern!r} matches no file")
   return problems
 
@@ -321,12 +322,13 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> dict[str, 
     problems.append(f"config.train.batch_queries={t.batch_queries} must be a positive multiple of "
                     f"config.train.grad_accum_steps={t.grad_accum_steps}")
   elif mesh is not None:
-    shards = mesh["data"] * mesh["fsdp"]
+    shards, slices = mesh["data"] * mesh["fsdp"], sharding.dcn_data(config.mesh)
     micro = t.batch_queries // t.grad_accum_steps
     if micro % shards:
       problems.append(f"config.train.batch_queries={t.batch_queries} (per accumulation step {micro}) is not "
-                      f"divisible by the mesh's data*fsdp = {shards} (config.mesh.data={mesh['data']}, "
-                      f"config.mesh.fsdp={mesh['fsdp']})")
+                      f"divisible by the mesh's data*fsdp = {shards} (config.mesh.data={mesh['data'] // slices}"
+                      + (f" x config.mesh.dcn_data={slices} slices" if slices > 1 else "")
+                      + f", config.mesh.fsdp={mesh['fsdp']})")
   if t.gradcache_chunk < 0:
     problems.append(f"config.train.gradcache_chunk={t.gradcache_chunk}: must be >= 0 (0 = off)")
   lengths = t.lengths

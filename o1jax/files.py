@@ -1,7 +1,7 @@
 """Atomic writes: a reader never sees a half-written file or directory under its final name.
 
 Local files are written to a temporary name beside the target, fsynced, then renamed over it. Paths with a
-scheme (`gs://...`, through etils.epath) are written in one object upload, which object stores publish whole.
+scheme (`gs://...`, through `o1jax.storage`) are written in one object upload, which object stores publish whole.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import shutil
 import stat
 from typing import Any, Callable, IO
 
-from etils import epath
+from o1jax import storage
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: str = "w") -> None:
@@ -41,19 +41,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: str
     raise
 
 
-def atomic_write_bytes(path: str | os.PathLike | epath.Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
   """`data` as the whole content of `path`, local or remote (`gs://`)."""
-  if "://" in os.fspath(path):
-    epath.Path(path).write_bytes(data)
+  if storage.is_remote(path):
+    storage.put_bytes(path, data)
   else:
     atomic_write(path, lambda f: f.write(data), mode="wb")
 
 
-def atomic_write_text(path: str | os.PathLike | epath.Path, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
   atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike | epath.Path, payload: Any) -> None:
+def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:
   """Indented, key-sorted JSON with a final newline (stable diffs of committed results)."""
   atomic_write_text(path, json.dumps(payload, indent=1, sort_keys=True) + "\n")
 

@@ -83,12 +83,14 @@ def init(params: Mapping[str, Any], lora_cfg: LoraConfig, rng: jax.Array) -> dic
 
 
 def logical_axes(model_axes: Mapping[str, Any], lora_cfg: LoraConfig) -> dict:
-  """Logical axes of the adapter tree: A and B shard like the kernel's input and output dimensions."""
+  """Logical axes of the adapter tree: A's input and B's output dimension are `lora_fan` (sharded over fsdp and
+  tensor where they divide it: o1jax.sharding), the rank dimension `lora_rank` (replicated), layers like the
+  kernel's."""
   tree: dict = {}
   for target in lora_cfg.targets:
-    layers, fan_in, fan_out = tuple(_kernel(model_axes, target))
+    layers = tuple(_kernel(model_axes, target))[0]
     tree.setdefault("layers", {}).setdefault(TARGET_PARENTS[target], {})[target] = {
-        A: PartitionSpec(layers, fan_in, "lora_rank"), B: PartitionSpec(layers, "lora_rank", fan_out)}
+        A: PartitionSpec(layers, "lora_fan", "lora_rank"), B: PartitionSpec(layers, "lora_rank", "lora_fan")}
   return tree
 
 

@@ -3,7 +3,8 @@
 Validates the config, takes the checkpoint directory's lock (a second trainer on it is refused), builds model +
 tokenizer + batches, resumes from the latest checkpoint in config.checkpoint.dir when there is one (params,
 optimizer state, step, PRNG and data position), then runs the jitted step, saving every `checkpoint.every` steps
-and on SIGTERM/SIGINT. Once the state is restored or initialised, the checkpoint directory also gets the config,
+and when any process gets SIGTERM/SIGINT (every process then saves the same step and exits:
+`training.preemption`). Once the state is restored or initialised, the checkpoint directory also gets the config,
 model config and tokenizer (`checkpoint.save_run_files`), so export and evaluation need nothing else. With
 `eval.every` > 0, retrieval metrics on the dev set of `config.eval` are logged with the training metrics every N
 steps and at the end.
@@ -30,7 +31,7 @@ import ml_collections
 from o1jax import checkpoint, config as o1config, sharding
 from o1jax.data import batching, pipeline, tfrecord
 from o1jax.eval.during_training import DevEvaluator, EvalSettings
-from o1jax.training import divergence, logger, sources
+from o1jax.training import divergence, logger, preemption, sources
 from o1jax.training.flops import peak_flops
 from o1jax.training.trainer import Trainer
 
@@ -79,18 +80,19 @@ def _restore(ckpt: checkpoint.Checkpointer, trainer: Trainer, config: ml_collect
 def main(argv: list[str]) -> list[dict[str, float]]:
   """Trains; returns the logged metrics history (process 0)."""
   config = o1config.load(argv)
-  sharding.initialize_distributed()
-  o1config.validate(config, jax.device_count())
-  run = o1config.settings(config)
   with contextlib.ExitStack() as stack:
+    stop = stack.enter_context(preemption.stop_signals())  # joins the processes; a signal from here on stops
+    o1config.validate(config, jax.device_count())
+    run = o1config.settings(config)
     if run.checkpoint.dir:
       stack.enter_context(checkpoint.exclusive(run.checkpoint.dir))
-    return _train(config, run)
+    return _train(config, run, stop)
 
 
-def _train(config: ml_collections.ConfigDict, run: o1config.RunSettings) -> list[dict[str, float]]:
+def _train(config: ml_collections.ConfigDict, run: o1config.RunSettings,
+           stop: preemption.StopAgreement) -> list[dict[str, float]]:
   mesh = sharding.make_mesh(config.mesh)
-  model_cfg, params, tokenizer, special = sources.build_model(run.model, run.data)
+  model_cfg, params, tokenizer, special = sources.build_model(run.model, run.data, mesh)
   records = sources.load_records(run.data, jax.process_index(), jax.process_count())
   batcher = batching.Batcher(records, tokenizer, special, run.batch, jax.process_index(), jax.process_count())
   trainer = Trainer(model_cfg, run.trainer, mesh, special)
@@ -122,30 +124,30 @@ def _train(config: ml_collections.ConfigDict, run: o1config.RunSettings) -> list
   guard = divergence.DivergenceGuard()
   batches = batching.Prefetcher(batcher, next_batch)
   try:
-    with checkpoint.catch_stop_signals() as stop:
-      for step in range(start, steps):
+    for step in range(start, steps):
+      try:
+        batch = next(batches)
+      except _BAD_RECORD as e:
+        raise _stop_at_bad_record(e, ckpt, guard, step, start, state, {"next_batch": next_batch, **position}) from e
+      state, metrics = trainer.step(state, trainer.shard_batch(batch))
+      next_batch += 1
+      done, last = step + 1, step + 1 == steps
+      stopping = stop.reached(done, metrics["loss"])
+      guard.observe(done, metrics)
+      evaluating = evaluate is not None and (done % eval_settings.every == 0 or last)
+      if evaluating or last or stopping or done % run.log.every == 0 or (ckpt is not None and ckpt.due(done)):
+        guard.check()
+      if evaluating:
+        metrics = {**metrics, **evaluate(trainer.inference_params(state))}
+      log.log(done, metrics)
+      if ckpt is not None:
         try:
-          batch = next(batches)
-        except _BAD_RECORD as e:
-          raise _stop_at_bad_record(e, ckpt, guard, step, start, state, {"next_batch": next_batch, **position}) from e
-        state, metrics = trainer.step(state, trainer.shard_batch(batch))
-        next_batch += 1
-        done, last = step + 1, step + 1 == steps
-        guard.observe(done, metrics)
-        evaluating = evaluate is not None and (done % eval_settings.every == 0 or last)
-        if evaluating or last or stop or done % run.log.every == 0 or (ckpt is not None and ckpt.due(done)):
-          guard.check()
-        if evaluating:
-          metrics = {**metrics, **evaluate(trainer.inference_params(state))}
-        log.log(done, metrics)
-        if ckpt is not None:
-          try:
-            ckpt.save(done, state, {"next_batch": next_batch, **position}, force=last or bool(stop))
-          except checkpoint.NonFiniteState as e:  # finite loss and gradients, but not the updated state
-            raise divergence.Diverged(done, e.problem) from e
-        if stop:
-          logging.warning("%s at step %d: saved a checkpoint, exiting", stop.signal_name, done)
-          break
+          ckpt.save(done, state, {"next_batch": next_batch, **position}, force=last or stopping)
+        except checkpoint.NonFiniteState as e:  # finite loss and gradients, but not the updated state
+          raise divergence.Diverged(done, e.problem) from e
+      if stopping:
+        logging.warning("%s at step %d: saved a checkpoint, exiting", stop.reason, done)
+        break
   finally:
     batches.close()
     log.close()

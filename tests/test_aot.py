@@ -156,3 +156,50 @@ def test_libtpu_is_pinned_in_the_tpu_extra():
   if HAS_LIBTPU:
     assert importlib.metadata.version("libtpu") == "0.0.42.1"
   assert jax.__version__ == "0.10.2"  # the jax whose [tpu] extra pins libtpu 0.0.42.*
+
+
+def test_cpu_topology_is_one_slice(capsys):
+  assert aot_main([TINY, "--topology=cpu-8", "--slices=2"]) == 2
+  assert "several slices are TPU topologies" in capsys.readouterr().err
+
+
+@needs_libtpu
+def test_multi_slice_mesh_puts_the_data_axis_across_slices():
+  """libtpu's two-slice v5p topology (devices with slice_index): data crosses the slices, fsdp stays in each."""
+  code = ("from o1jax import sharding\n"
+          "from o1jax.aot import topology\n"
+          "devices = topology.resolve_topology('v5p-8', slices=2).devices\n"
+          "for mesh_config in ({'data': 1, 'fsdp': -1, 'tensor': 1, 'dcn_data': 2},\n"
+          "                    {'data': 2, 'fsdp': -1, 'tensor': 1, 'dcn_data': 2}):\n"
+          "  mesh = sharding.make_mesh(mesh_config, devices)\n"
+          "  print(dict(mesh.shape), [[d.slice_index for d in row.flat] for row in mesh.devices])\n"
+          "try:\n"
+          "  sharding.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1, 'dcn_data': 1}, devices)\n"
+          "except ValueError as e:\n"
+          "  print(e)\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env=subprocess_env())
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert lines[0] == "{'data': 2, 'fsdp': 4, 'tensor': 1} [[0, 0, 0, 0], [1, 1, 1, 1]]"
+  assert lines[1] == "{'data': 4, 'fsdp': 2, 'tensor': 1} [[0, 0], [0, 0], [1, 1], [1, 1]]"
+  assert lines[2] == "config.mesh.dcn_data=1, but the devices form 2 slices: set it to 2"
+
+
+@needs_libtpu
+def test_tpu_two_slices_report(tmp_path):
+  """Compiled for two v5p-8 slices: per-chip memory with the state sharded 4 ways (fsdp within a slice) and
+  replicated across the slices."""
+  out = tmp_path / "report.json"
+  proc = run_aot(TINY, ONE_LAYER, "--topology=v5p-8", "--slices=2", f"--json={out}")
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["topology"] == "2 x v5p-8 (v5p:2x2x1, TPU v5)"
+  assert (report["devices"], report["chips"], report["slices"], report["dcn_data"]) == (8, 8, 2, 2)
+  assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert report["hbm_bytes_per_device"] == 95 * 2**30
+  train = report["steps"]["train_step"]
+  state_bytes = 3 * 4 * report["params"]
+  assert state_bytes / 4 <= train["argument_bytes"] < state_bytes / 2  # sharded 4 ways, not 8, not replicated
+  assert report["fits"] and 0.95 < train["compiled_flops"] / report["analytic_flops_per_step"] < 1.2
+  assert "data over 2 slices (DCN) x 1 within each" in proc.stdout and proc.stdout.rstrip().endswith("FITS")

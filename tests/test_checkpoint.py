@@ -1,6 +1,5 @@
 """Orbax checkpoints: sharded round trip (also onto another mesh), keep-last-K / every-N, async, stop signals."""
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -75,19 +74,6 @@ def test_every_n_steps_keeps_last_k_and_force(tmp_path):
       "next_batch": 10}
   ckpt.close()
   again.close()
-
-
-def test_stop_signals_set_a_flag_and_handlers_come_back():
-  before = signal.getsignal(signal.SIGTERM)
-  with checkpoint.catch_stop_signals() as stop:
-    assert not stop
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert stop and stop.signal_name == "SIGTERM"
-  assert signal.getsignal(signal.SIGTERM) is before
-  with checkpoint.catch_stop_signals() as stop:
-    os.kill(os.getpid(), signal.SIGINT)
-    assert stop.signal_name == "SIGINT"
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_checksums_are_exact_on_any_mesh_and_see_a_changed_or_moved_value():

@@ -63,6 +63,10 @@ def test_every_shipped_config_validates_once_its_paths_exist(tmp_path):
     (["--config.mesh.data=3"], 8, "config.mesh: 8 devices are not divisible by the fixed axes' product 3"),
     (["--config.mesh.data=-1"], 8, "config.mesh: more than one axis is -1"),
     (["--config.mesh.fsdp=16"], 8, "needs 16 devices; 8 available"),
+    (["--config.mesh.dcn_data=3"], 8, "config.mesh.dcn_data=3: must be >= 1 and divide the 8 devices"),
+    (["--config.mesh.dcn_data=2", "--config.train.batch_queries=12"], 8,
+     r"batch_queries=12 \(per accumulation step 12\) is not divisible by the mesh's data\*fsdp = 8 "
+     r"\(config.mesh.data=1 x config.mesh.dcn_data=2 slices, config.mesh.fsdp=4\)"),
     (["--config.train.group_size=1"], 8, r"config.train.group_size=1: must be >= 2"),
     (["--config.train.lengths.query_thought=10"], 8,
      r"config.train.lengths.query_thought=10 cannot hold the query template: needs >= lengths.query \+ 7 = 15"),

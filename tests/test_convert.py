@@ -32,9 +32,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TOKENIZER_SIZE = 60
 
 
-def tiny_tokenizer():
-  """A real fast tokenizer (word level) of TOKENIZER_SIZE tokens; it adds no BOS and has no pad token."""
-  vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(TOKENIZER_SIZE - 3)}}
+def tiny_tokenizer(size: int = TOKENIZER_SIZE):
+  """A real fast tokenizer (word level) of `size` tokens; it adds no BOS and has no pad token."""
+  vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(size - 3)}}
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
   tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
   return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",

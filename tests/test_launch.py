@@ -105,7 +105,7 @@ def test_local_dry_run_prints_one_joined_process_per_rank():
                    "JAX_COORDINATOR_ADDRESS=127.0.0.1:4321", "JAX_NUM_PROCESSES=3", f"JAX_PROCESS_ID={rank}",
                    "python", "-m", "o1jax.train", "--config=configs/tiny_cpu.py", "--config.train.steps=3"]
   assert len(cmds) == 4
-  assert f"> runs/x/process_2.log" in proc.stdout
+  assert "> runs/x/process_2.log" in proc.stdout
 
 
 def test_local_runs_joined_processes_and_stops_on_failure(tmp_path):
@@ -164,6 +164,35 @@ def test_tpu_pod_dry_run_asks_gcloud_for_the_workers_without_hosts():
   assert describe == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "o1-pod", "--zone=us-east5-a",
                       "--project=proj", "--format=value(networkEndpoints[].ipAddress)"]
   assert "TPU_WORKER_HOSTNAMES=<worker-ips>;" in shlex.split(ssh[-1].removeprefix("--command="))
+
+
+def test_tpu_pod_multi_slice_train_dry_run():
+  """--slices=2: one ssh per slice of the queued resource, each with its slice's workers, the DCN (MEGASCALE_*)
+  variables naming slice 0's first worker and its own slice index, and the trainer told the mesh's dcn_data."""
+  proc = tpu_dry_run("--slices=2", "train", "--", *TRAIN_ARGS)
+  assert proc.returncode == 0, proc.stderr
+  describe0, ssh0, describe1, ssh1 = commands(proc.stdout)
+  for i, (describe, ssh) in enumerate([(describe0, ssh0), (describe1, ssh1)]):
+    assert describe[4:6] == ["describe", f"o1-pod-{i}"]
+    assert ssh[4:6] == ["ssh", f"o1-pod-{i}"] and "--worker=all" in ssh
+    remote = ssh[-1].removeprefix("--command=")
+    assert run("bash", "-n", "-c", remote).returncode == 0
+    words = shlex.split(remote)
+    assert f"TPU_WORKER_HOSTNAMES=<o1-pod-{i}-ips>" in words
+    assert {"MEGASCALE_COORDINATOR_ADDRESS=<o1-pod-0-ips>:8080", "MEGASCALE_PORT=8080", "MEGASCALE_NUM_SLICES=2",
+            f"MEGASCALE_SLICE_ID={i};"} <= set(words)
+    start = words.index("o1jax.train")
+    assert words[start + 1:start + 2 + len(TRAIN_ARGS)] == ["--config.mesh.dcn_data=2", *TRAIN_ARGS]
+
+
+def test_tpu_pod_multi_slice_actions_reach_every_slice():
+  (stop0, stop1) = commands(tpu_dry_run("--slices=2", "stop").stdout)
+  assert [stop0[5], stop1[5]] == ["o1-pod-0", "o1-pod-1"]
+  _, scp0, scp1 = commands(tpu_dry_run("--slices=2", "logs").stdout)
+  assert [scp0[5], scp1[5]] == ["o1-pod-0:o1jax/logs/m7/*.log", "o1-pod-1:o1jax/logs/m7/*.log"]
+  assert len(commands(tpu_dry_run("--slices=2", "setup").stdout)) == 5  # archive, 2 copies, 2 installs
+  assert tpu_dry_run("--slices=2", "--hosts=10.0.0.2", "train", "--", "--config=x").returncode == 2
+  assert tpu_dry_run("--slices=0", "stop").returncode == 2
 
 
 def test_tpu_pod_setup_logs_stop_dry_runs():

@@ -75,7 +75,7 @@ def test_shapes_init_and_axes(setup):
   assert np.abs(np.asarray(q[lora.A])).max() <= 32**-0.5 and np.asarray(q[lora.A]).std() > 0
   assert set(adapters["layers"]["mlp"]) == {"gate_proj", "down_proj"}
   axes = lora.logical_axes(logical_axes(CFG), LORA)
-  assert tuple(axes["layers"]["mlp"]["down_proj"][lora.A]) == ("layers", "mlp", "lora_rank")
-  assert tuple(axes["layers"]["mlp"]["down_proj"][lora.B]) == ("layers", "lora_rank", "embed")
+  assert tuple(axes["layers"]["mlp"]["down_proj"][lora.A]) == ("layers", "lora_fan", "lora_rank")
+  assert tuple(axes["layers"]["mlp"]["down_proj"][lora.B]) == ("layers", "lora_rank", "lora_fan")
   with pytest.raises(ValueError, match="unknown \\['qkv'\\]"):
     lora.check_targets(["qkv"])

@@ -1,5 +1,7 @@
 """Multi-process training: 2 processes x 4 CPU devices with `jax.distributed` on 127.0.0.1 (gloo CPU collectives)
-train tiny_cpu, checkpoint, are SIGKILLed, resume, and log the same losses as 1 process x 8 devices.
+train tiny_cpu, checkpoint, are SIGKILLed, resume, and log the same losses as 1 process x 8 devices; SIGTERM to one
+of the two makes both save the same step and exit 0, and the restart reproduces an uninterrupted pair's losses
+bitwise.
 
 Each process builds only its own rows of the batch (`Batcher(process_index, process_count)`), and the global
 batch is their concatenation. Tolerance: the mesh, sharding and per-device work are identical in both runs; only
@@ -11,6 +13,7 @@ import json
 import os
 import pathlib
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -142,3 +145,50 @@ def test_the_pairs_checkpoint_loads_on_one_host_device_like_the_single_process_o
   _, single, _ = loading.load_checkpoint_for_inference(tmp / "single_ckpt", step=STEPS)
   for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(multi)[0], jax.tree.leaves(single)):
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory):
+  """An uninterrupted pair; a pair whose process 1 (not the coordinator) gets SIGTERM mid-run, and its restart.
+
+  Each pair compiles afresh: jax writes the persistent compilation cache from process 0 only, and the two processes'
+  cache keys differ, so with a shared cache process 0 would start its first collective a whole compile ahead of
+  process 1, past gloo's 30 s rendezvous on a loaded machine."""
+  tmp = tmp_path_factory.mktemp("preempt")
+  wait_all(start_pair(tmp, "whole", tmp / "cache_whole"), tmp, "whole")
+
+  pair = start_pair(tmp, "stopped", tmp / "cache_stopped")
+  try:
+    while len(read_jsonl(tmp / "stopped.jsonl")) < KILL_AFTER - 1:
+      if any(p.poll() is not None for p in pair):
+        pytest.fail("a process of the pair ended before the signal:\n" + tail(tmp, "stopped"))
+      time.sleep(0.02)
+    pair[1].send_signal(signal.SIGTERM)
+    wait_all(pair, tmp, "stopped", timeout=300)
+  finally:
+    kill_all(pair)
+  stopped = read_jsonl(tmp / "stopped.jsonl")
+  logs = [(tmp / f"stopped.{i}.log").read_text() for i in range(2)]
+  saved_steps = sorted(int(p.name) for p in (tmp / "stopped_ckpt").iterdir() if p.name.isdigit())
+
+  wait_all(start_pair(tmp, "stopped", tmp / "cache_restart"), tmp, "stopped")
+  return tmp, read_jsonl(tmp / "whole.jsonl"), stopped, logs, saved_steps, read_jsonl(tmp / "stopped.jsonl")
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_bitwise(preempted):
+  tmp, whole, stopped, logs, saved_steps, final = preempted
+  saved = [re.findall(r"(SIGTERM[\w ]*) at step (\d+): saved a checkpoint, exiting", log) for log in logs]
+  # Process 1 got the signal; process 0 (the coordinator) learnt it from the vote after the same step.
+  assert saved[1] == [("SIGTERM", saved[1][0][1])] and saved[0] == [("SIGTERM received by another process",
+                                                                      saved[1][0][1])], logs
+  step = int(saved[0][0][1])
+  assert KILL_AFTER - 1 <= step < STEPS, step
+  assert [h["step"] for h in stopped] == list(range(1, step + 1))
+  assert saved_steps[-1] == step, saved_steps
+  restart = (tmp / "stopped.0.log").read_text()[len(logs[0]):]
+  assert f"resumed from {tmp / 'stopped_ckpt'} step {step}" in restart
+  assert [h["step"] for h in final] == list(range(1, STEPS + 1))  # the log holds each step once
+  reference = {h["step"]: h for h in whole}
+  for h in final:
+    for key in LOSSES:
+      assert h[key] == reference[h["step"]][key], (h["step"], key)  # bitwise: same float

@@ -259,8 +259,11 @@ def test_records_missing_a_feature_and_missing_files_are_named(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> pathlib.Path:
-  """A tiny random transformers Llama (safetensors) with the synthetic world's word-level tokenizer."""
-  path = tmp_path_factory.mktemp("tiny_llama")
+  return make_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def make_tiny_model(path: pathlib.Path) -> pathlib.Path:
+  """A tiny random transformers Llama (safetensors) with the synthetic world's word-level tokenizer at `path`."""
   tokenizer = synthetic.make_tokenizer(SPEC)
   tokenizer.save_pretrained(path)
   torch.manual_seed(0)

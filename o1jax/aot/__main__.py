@@ -1,13 +1,14 @@
 """Ahead-of-time fit report: compile the real training and encode steps for a TPU slice on a CPU machine.
 
-  python -m o1jax.aot --config=configs/mistral7b.py[:full] --topology=v5p-128 [--config.a.b=v ...]
+  python -m o1jax.aot --config=configs/mistral7b.py[:full] --topology=v5p-128 [--slices=N] [--config.a.b=v ...]
 
 Nothing runs and no weights or data are read: the model's shape comes from `config.model.arch`, the state and
 batch are ShapeDtypeStructs carrying their shardings on a mesh of the slice's devices, and XLA's TPU compiler (the
 optional `libtpu` package, requirements-tpu.txt) compiles exactly the program a pod would run. The report gives
 per-device memory (arguments, outputs, temporaries, total vs the chip's HBM), compiled FLOPs vs the trainer's
 analytic count, and tokens per step. Exit status 1 when either step does not fit (or the compiler runs out of
-memory), 2 on a bad command line or config.
+memory), 2 on a bad command line or config. `--slices=N` compiles for N such slices joined over the data-center
+network, the data axis across them (config.mesh.dcn_data, set to N unless the config gives it).
 
 Topologies: see `o1jax.aot.topology`; the report: `o1jax.aot.fit`.
 """
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 
 import jax
 
-from o1jax import config as o1config
+from o1jax import config as o1config, sharding
 from o1jax.aot.fit import EVAL_DOC_LENGTH, fit_report, format_report
 from o1jax.aot.topology import resolve_topology
 from o1jax.files import atomic_write_json
@@ -30,6 +31,8 @@ from o1jax.files import atomic_write_json
 def main(argv: Sequence[str]) -> int:
   parser = argparse.ArgumentParser(prog="python -m o1jax.aot", description=__doc__.split("\n\n")[0])
   parser.add_argument("--topology", required=True, help="v5p-128, v5e-256, v4-64, v6e-64, v5p:4x4x4 or cpu-N")
+  parser.add_argument("--slices", type=int, default=1, help="identical TPU slices joined over the data-center "
+                      "network (multi-slice); sets config.mesh.dcn_data")
   parser.add_argument("--hbm_gib", type=float, default=None, help="memory per chip (cpu-N: per device) to check "
                       "against, instead of the table / host RAM")
   parser.add_argument("--encode_rows", type=int, default=None,
@@ -45,7 +48,9 @@ def main(argv: Sequence[str]) -> int:
       pass  # jax already started in this process: resolve_topology reports a device count that differs
   try:
     config = o1config.load(config_argv)
-    topology = resolve_topology(args.topology, args.hbm_gib)
+    if args.slices > 1 and sharding.dcn_data(config.mesh) == 1:
+      config.mesh.dcn_data = args.slices
+    topology = resolve_topology(args.topology, args.hbm_gib, args.slices)
     report = fit_report(config, topology, args.encode_rows, args.encode_length)
   except ValueError as e:  # ConfigError included
     print(f"o1jax.aot: {e}", file=sys.stderr)

@@ -109,8 +109,9 @@ def fit_report(config: Any, topology: Topology, encode_rows: int | None = None,
   lora_params = sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state.get("lora", {})))
   peak = topology.peak_flops_per_chip
   return {
-      "topology": topology.name, "devices": n, "chips": topology.chips,
+      "topology": topology.name, "devices": n, "chips": topology.chips, "slices": topology.slices,
       "hbm_bytes_per_device": topology.hbm_bytes_per_device, "mesh": dict(mesh.shape),
+      "dcn_data": sharding.dcn_data(config.mesh),
       "finetune": t.finetune, "remat_policy": config.model.remat_policy, "dtype": config.model.dtype,
       "param_dtype": config.model.param_dtype, "layers": trainer.model_cfg.num_hidden_layers,
       "params": params, "lora_params": lora_params,
@@ -134,7 +135,9 @@ def format_report(report: dict[str, Any]) -> str:
   lines = [
       f"topology        {report['topology']}: {report['devices']} devices, {report['chips']} chips, "
       f"{report['hbm_bytes_per_device'] / GIB:.2f} GiB per device",
-      f"mesh            {report['mesh']}",
+      f"mesh            {report['mesh']}" + (f", data over {report['dcn_data']} slices (DCN) x "
+                                                 f"{report['mesh']['data'] // report['dcn_data']} within each"
+                                                 if report["dcn_data"] > 1 else ""),
       f"model           {report['layers']} layers, {report['params']:,} parameters ({report['param_dtype']} at "
       f"rest, {report['dtype']} compute), finetune={report['finetune']}"
       + (f" ({report['lora_params']:,} LoRA parameters)" if report["lora_params"] else "")

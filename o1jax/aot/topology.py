@@ -44,6 +44,7 @@ class Topology:
   chips: int
   hbm_bytes_per_device: float
   peak_flops_per_chip: float | None  # None on CPU (no meaningful published peak)
+  slices: int = 1
 
 
 def chip_grid(chip: Chip, chips: int) -> tuple[int, ...]:
@@ -83,9 +84,15 @@ def tpu_topology_name(name: str) -> tuple[Chip, str, int]:
   return chip, f"{generation}:{'x'.join(map(str, grid))}", math.prod(grid)
 
 
-def resolve_topology(name: str, hbm_gib: float | None = None) -> Topology:
-  """Devices to compile for. TPU names need the `libtpu` package; `cpu-N` uses this machine's CPU devices."""
+def resolve_topology(name: str, hbm_gib: float | None = None, slices: int = 1) -> Topology:
+  """Devices to compile for: `slices` slices of `name`. TPU names need the `libtpu` package; `cpu-N` uses this
+  machine's CPU devices (one slice)."""
+  if slices < 1:
+    raise ValueError(f"--slices={slices}: must be >= 1")
   cpu = re.fullmatch(r"cpu-(\d+)", name)
+  if cpu and slices > 1:
+    raise ValueError(f"--topology={name} --slices={slices}: several slices are TPU topologies (CPU devices carry no "
+                     "slice index)")
   if cpu:
     count = int(cpu.group(1))
     devices = jax.devices("cpu")
@@ -106,8 +113,9 @@ def resolve_topology(name: str, hbm_gib: float | None = None) -> Topology:
     # machine compile for TPU at a time.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  devices = tuple(topologies.get_topology_desc(platform="tpu", topology_name=grid_name).devices)
+  devices = tuple(topologies.get_topology_desc(platform="tpu", topology_name=grid_name, num_slices=slices).devices)
   # Some generations expose one device per TensorCore (v4 without megacore): HBM is split between them.
-  per_device = (hbm_gib or chip.hbm_gib) * GIB * chips / len(devices)
-  return Topology(f"{name} ({grid_name}, {devices[0].device_kind})", devices, chips, per_device,
-                  chip.peak_tflops * 1e12)
+  per_device = (hbm_gib or chip.hbm_gib) * GIB * chips * slices / len(devices)
+  title = f"{name} ({grid_name}, {devices[0].device_kind})"
+  return Topology(f"{slices} x {title}" if slices > 1 else title, devices, chips * slices, per_device,
+                  chip.peak_tflops * 1e12, slices)

@@ -1,6 +1,7 @@
 """Hugging Face directories (config.json + safetensors) to o1jax parameters and back.
 
-Import reads one tensor at a time with `safe_open` (single file or sharded with `model.safetensors.index.json`).
+Import reads one tensor at a time with `safe_open` (single file or sharded with `model.safetensors.index.json`);
+`load_hf_sharded` builds the parameters on a mesh instead, each process reading only its devices' slices.
 Export writes one tensor at a time (one layer slice of a stacked parameter), so a large model is never held twice
 in host memory, into a temporary directory that is renamed into place only when complete.
 """
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pathlib
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
@@ -19,7 +22,7 @@ import safetensors
 import safetensors.numpy
 import transformers
 
-from o1jax.convert import layout
+from o1jax.convert import layout, sharded, sliced
 from o1jax.convert.layout import ConversionError, Params
 from o1jax.files import publish_directory
 from o1jax.model import ModelConfig
@@ -67,6 +70,15 @@ def _open(file: pathlib.Path):
     raise ConversionError(f"{file}: unreadable safetensors file (truncated or corrupt?): {e}") from e
 
 
+def _check_listed(files: dict[str, pathlib.Path], handles: dict[pathlib.Path, Any]) -> None:
+  """Raises when the shard index lists a tensor in a file that lacks it."""
+  for file, handle in handles.items():
+    held = set(handle.keys())
+    absent = sorted(name for name, f in files.items() if f == file and name not in held)
+    if absent:
+      raise ConversionError(f"{file}: tensor {absent[0]!r} is listed in {INDEX_FILE} but not in the file")
+
+
 def load_hf(model_dir: str | os.PathLike, **runtime) -> tuple[ModelConfig, Params]:
   """Loads a Hugging Face Llama / Mistral / Qwen2 directory as (ModelConfig, params).
 
@@ -80,10 +92,7 @@ def load_hf(model_dir: str | os.PathLike, **runtime) -> tuple[ModelConfig, Param
   files = _weight_files(model_dir)
   with contextlib.ExitStack() as stack:
     handles = {file: stack.enter_context(_open(file)) for file in sorted(set(files.values()))}
-    for file, handle in handles.items():
-      absent = sorted(name for name, f in files.items() if f == file and name not in handle.keys())
-      if absent:
-        raise ConversionError(f"{file}: tensor {absent[0]!r} is listed in {INDEX_FILE} but not in the file")
+    _check_listed(files, handles)
 
     def read(name: str) -> np.ndarray:
       try:
@@ -92,6 +101,32 @@ def load_hf(model_dir: str | os.PathLike, **runtime) -> tuple[ModelConfig, Param
         raise ConversionError(f"{files[name]}: cannot read tensor {name!r}: {e}") from e
 
     params = layout.assemble(cfg, files, read, str(model_dir))
+  return cfg, params
+
+
+def load_hf_sharded(model_dir: str | os.PathLike, shardings: Callable[[ModelConfig], Params],
+                    **runtime) -> tuple[ModelConfig, Params]:
+  """Loads a Hugging Face directory straight onto a mesh: `load_hf`'s parameters, bit for bit, as global arrays.
+
+  Each process reads only the slices of the safetensors tensors that its own devices hold (`sharded`), so host
+  memory and bytes read per process fall with the number of processes. Every process must call this.
+
+  Args:
+    model_dir: directory with config.json and safetensors weights.
+    shardings: the ModelConfig -> a Sharding per parameter (e.g. `o1jax.training.state.param_shardings`).
+    **runtime: as for `load_hf`.
+  """
+  model_dir = pathlib.Path(model_dir)
+  cfg = read_config(model_dir, **runtime)
+  files = _weight_files(model_dir)
+  with contextlib.ExitStack() as stack:
+    handles = {file: stack.enter_context(sliced.SafetensorsFile(file)) for file in sorted(set(files.values()))}
+    _check_listed(files, handles)
+    params = sharded.assemble_sharded(cfg, {name: handles[file] for name, file in files.items()}, shardings(cfg),
+                                      str(model_dir))
+    read = sum(h.bytes_read for h in handles.values())
+  total = sum(f.stat().st_size for f in handles)
+  logging.info("%s: this process read %.1f MiB of %.1f MiB of weights", model_dir, read / 2**20, total / 2**20)
   return cfg, params
 
 

@@ -17,6 +17,8 @@ import numpy as np
 from o1jax.model import ModelConfig, init_params
 
 Params = dict[str, Any]
+EMBEDDING = "model.embed_tokens.weight"
+TIED_HEAD = "lm_head.weight"  # stored by some tied checkpoints although the model has no head of its own
 
 
 class ConversionError(ValueError):
@@ -61,7 +63,7 @@ def entries(cfg: ModelConfig) -> list[Entry]:
   flat = list(_flatten(expected_shapes(cfg)))
 
   def hf_shape(path, shape):
-    return tuple(reversed(shape)) if path[-1] == "kernel" else tuple(shape)
+    return tuple(reversed(shape)) if transposed(path) else tuple(shape)
 
   out = [Entry(_hf_name(p, None), p, None, hf_shape(p, s.shape)) for p, s in flat if p[0] == "embed_tokens"]
   for i in range(cfg.num_hidden_layers):
@@ -71,7 +73,13 @@ def entries(cfg: ModelConfig) -> list[Entry]:
   return out
 
 
-def _set(tree: Params, path: tuple[str, ...], value: Any) -> None:
+def transposed(path: tuple[str, ...]) -> bool:
+  """Whether the parameter at `path` is its HF tensor transposed (Dense kernels are, everything else is not)."""
+  return path[-1] == "kernel"
+
+
+def put(tree: Params, path: tuple[str, ...], value: Any) -> None:
+  """Sets the leaf at `path`, creating the dicts on the way."""
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
   tree[path[-1]] = value
@@ -87,7 +95,7 @@ def hf_tensor(params: Params, entry: Entry) -> np.ndarray:
   """One HF tensor on the host (a single layer slice of a stacked parameter)."""
   x = get(params, entry.path)
   x = np.asarray(jax.device_get(x if entry.layer is None else x[entry.layer]))
-  return np.ascontiguousarray(x.T if entry.path[-1] == "kernel" else x)
+  return np.ascontiguousarray(x.T if transposed(entry.path) else x)
 
 
 def checked_cast(source: str, name: str, array: np.ndarray, dtype: Any) -> np.ndarray:
@@ -112,6 +120,33 @@ def checked_cast(source: str, name: str, array: np.ndarray, dtype: Any) -> np.nd
   return cast
 
 
+def check_names(cfg: ModelConfig, available: Iterable[str], source: str) -> tuple[list[Entry], bool]:
+  """(the entries the model needs, whether the checkpoint also stores a tied model's head); raises on a missing
+  or unexpected tensor. A stored tied head must equal the embedding
+  (`tied_copy_error` otherwise)."""
+  wanted = entries(cfg)
+  names = set(available)
+  missing = [e.hf_name for e in wanted if e.hf_name not in names]
+  if missing:
+    raise ConversionError(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+  extra = sorted(names - {e.hf_name for e in wanted})
+  # Some tied checkpoints also store the head; it is accepted only when it really is the embedding matrix.
+  tied_copy = extra == [TIED_HEAD] and cfg.tie_word_embeddings
+  if extra and not tied_copy:
+    raise ConversionError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all) "
+                          f"for a {cfg.family} model")
+  return wanted, tied_copy
+
+
+def tied_copy_error(source: str) -> ConversionError:
+  return ConversionError(f"{source}: tensor {TIED_HEAD!r} differs from {EMBEDDING!r} although tie_word_embeddings=True")
+
+
+def check_shape(source: str, entry: Entry, shape: tuple[int, ...]) -> None:
+  if tuple(shape) != entry.hf_shape:
+    raise ConversionError(f"{source}: tensor {entry.hf_name!r} has shape {tuple(shape)}, expected {entry.hf_shape}")
+
+
 def assemble(cfg: ModelConfig, available: Iterable[str], read: Callable[[str], np.ndarray],
              source: str) -> Params:
   """Builds the o1jax tree from HF-named tensors, reading one tensor at a time.
@@ -122,40 +157,26 @@ def assemble(cfg: ModelConfig, available: Iterable[str], read: Callable[[str], n
     read: returns one tensor (HF layout) by name; `source` plus the name locate it in errors.
     source: what the tensors come from (a directory or file), for error messages.
   """
-  wanted = entries(cfg)
-  names = set(available)
-  missing = [e.hf_name for e in wanted if e.hf_name not in names]
-  if missing:
-    raise ConversionError(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
-  extra = sorted(names - {e.hf_name for e in wanted})
-  if extra == ["lm_head.weight"] and cfg.tie_word_embeddings:
-    # Some tied checkpoints also store the head; accept it only when it really is the embedding matrix.
-    if not np.array_equal(read("lm_head.weight"), read("model.embed_tokens.weight")):
-      raise ConversionError(f"{source}: tensor 'lm_head.weight' differs from 'model.embed_tokens.weight' "
-                            "although tie_word_embeddings=True")
-    extra = []
-  if extra:
-    raise ConversionError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all) "
-                          f"for a {cfg.family} model")
+  wanted, tied_copy = check_names(cfg, available, source)
+  if tied_copy and not np.array_equal(read(TIED_HEAD), read(EMBEDDING)):
+    raise tied_copy_error(source)
   dtype = jnp.dtype(cfg.param_dtype)
   shapes = expected_shapes(cfg)
   params: Params = {}
   stacks: dict[tuple[str, ...], np.ndarray] = {}
   for e in wanted:
     array = read(e.hf_name)
-    if tuple(array.shape) != e.hf_shape:
-      raise ConversionError(f"{source}: tensor {e.hf_name!r} has shape {tuple(array.shape)}, "
-                            f"expected {e.hf_shape}")
+    check_shape(source, e, array.shape)
     array = checked_cast(source, e.hf_name, array, dtype)
-    array = array.T if e.path[-1] == "kernel" else array
+    array = array.T if transposed(e.path) else array
     if e.layer is None:
-      _set(params, e.path, jnp.asarray(array))
+      put(params, e.path, jnp.asarray(array))
       continue
     if e.path not in stacks:
       stacks[e.path] = np.empty(get(shapes, e.path).shape, dtype)
     stacks[e.path][e.layer] = array
     if e.layer == cfg.num_hidden_layers - 1:
-      _set(params, e.path, jnp.asarray(stacks.pop(e.path)))
+      put(params, e.path, jnp.asarray(stacks.pop(e.path)))
   return params
 
 

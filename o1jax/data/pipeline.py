@@ -4,9 +4,12 @@
 `python -m data_tools.synthesize`, and returns a `TFRecordSource`: a sequence whose `len()` and `records[i]`
 are what `o1jax.data.batching.Batcher` needs. Opening scans only the framing headers of every shard (length +
 its CRC, no payload read) into one int64 byte offset per record, so memory is O(records x 8 bytes), not the
-data; `records[i]` then reads that one record with `os.pread` (thread-safe, no shared file position), checks
-its data CRC and decodes it to the batcher's dict {query_id, query, thought, positives, negatives} plus the
-teacher scores {positive_scores, negative_scores} where the shard has them (distillation).
+data; `records[i]` then reads that one record with `os.pread` (thread-safe, no shared file position), or for a
+shard in an object store (`gs://...`, through `o1jax.storage`) with one ranged GET of its bytes, checks its
+data CRC and decodes it to the batcher's dict {query_id, query, thought, positives, negatives} plus the teacher
+scores {positive_scores, negative_scores} where the shard has them (distillation). Indexing a remote shard reads
+it once front to back in `SCAN_BLOCK` ranges (one request per block, not one per record header; memory one
+block), since a header's position is known only from the one before it.
 
 Processes and determinism. `Batcher` defines the global batch `i` from one permutation of *all* records and
 gives each process its own contiguous rows. Every process therefore indexes every shard (16 bytes read per
@@ -33,12 +36,10 @@ from __future__ import annotations
 import array
 from collections.abc import Iterable, Sequence
 import dataclasses
-import glob
 import hashlib
 import json
 import logging
 import os
-import pathlib
 import re
 from typing import Any
 import weakref
@@ -47,12 +48,14 @@ from google.protobuf import message as pb_message
 import numpy as np
 from tensorflow_datasets.proto import tf_example_generated_pb2 as example_pb2
 
+from o1jax import storage
 from o1jax.data import tfrecord
 
 _TEXT_FIELDS = ("query_id", "query", "thought", "positives", "negatives")
 _REQUIRED = ("query_id", "query", "positives")
 _SCORE_FIELDS = ("positive_scores", "negative_scores")
 _SHARD_FIELDS = ("shard", "file", "num_records", "sha256")  # of each manifest entry
+SCAN_BLOCK = 8 << 20  # bytes per request when indexing a remote shard
 
 
 class ManifestError(ValueError):
@@ -72,13 +75,15 @@ class Skipped:
     return f"{self.path}: record {self.index} at byte offset {self.offset}: {self.problem}"
 
 
-def _scan(path: str, fd: int, skip_bad: bool, skipped: list[Skipped]) -> np.ndarray:
+def _scan(path: str, reader: storage.RangeReader, skip_bad: bool, skipped: list[Skipped]) -> np.ndarray:
   """Byte offsets of the records of one file, from its framing headers (and data CRCs under skip_bad)."""
-  size = os.fstat(fd).st_size
+  size = reader.size
+  if reader.remote:
+    reader = storage.ReadAhead(reader, SCAN_BLOCK)
   offsets = array.array("q")
   offset, index = 0, 0
   while offset < size:
-    header = os.pread(fd, tfrecord.HEADER.size, offset)
+    header = reader.pread(tfrecord.HEADER.size, offset)
     problem = None
     if len(header) < tfrecord.HEADER.size:
       problem = f"truncated header ({len(header)} of {tfrecord.HEADER.size} bytes)"
@@ -94,22 +99,22 @@ def _scan(path: str, fd: int, skip_bad: bool, skipped: list[Skipped]) -> np.ndar
         raise tfrecord.TFRecordError(path, index, offset, problem)
       skipped.append(Skipped(path, index, offset, problem + "; rest of the file skipped"))
       break
-    if skip_bad and not _data_crc_ok(fd, offset, length):
+    if skip_bad and not _data_crc_ok(reader, offset, length):
       skipped.append(Skipped(path, index, offset, "data CRC mismatch (corrupt record)"))
     offsets.append(offset)
     offset, index = end, index + 1
   return np.frombuffer(offsets, np.int64) if offsets else np.zeros(0, np.int64)
 
 
-def _data_crc_ok(fd: int, offset: int, length: int) -> bool:
-  body = os.pread(fd, length + tfrecord.FOOTER.size, offset + tfrecord.HEADER.size)
+def _data_crc_ok(reader: storage.RangeReader | storage.ReadAhead, offset: int, length: int) -> bool:
+  body = reader.pread(length + tfrecord.FOOTER.size, offset + tfrecord.HEADER.size)
   return tfrecord.masked_crc32c(body[:length]) == tfrecord.FOOTER.unpack(body[length:])[0]
 
 
-def _close_all(fds: list[int]) -> None:
+def _close_all(readers: list[storage.RangeReader]) -> None:
   # Emptied, so a closed source cannot read a descriptor number the OS has since given to another file.
-  while fds:
-    os.close(fds.pop())
+  while readers:
+    readers.pop().close()
 
 
 class TFRecordSource(Sequence):
@@ -120,13 +125,13 @@ class TFRecordSource(Sequence):
       raise FileNotFoundError("no TFRecord files given")
     self.files = [os.fspath(f) for f in files]
     self.skipped: list[Skipped] = []
-    self._fds: list[int] = []
+    self._readers: list[storage.RangeReader] = []
     # Closes the files when the source is garbage collected, even if close() is never called.
-    self._finalizer = weakref.finalize(self, _close_all, self._fds)
+    self._finalizer = weakref.finalize(self, _close_all, self._readers)
     self._offsets = []
     for path in self.files:
-      self._fds.append(os.open(path, os.O_RDONLY))
-      self._offsets.append(_scan(path, self._fds[-1], skip_bad, self.skipped))
+      self._readers.append(storage.RangeReader(path))
+      self._offsets.append(_scan(path, self._readers[-1], skip_bad, self.skipped))
     self._starts = np.cumsum([0] + [len(o) for o in self._offsets])
 
   def __len__(self) -> int:
@@ -150,14 +155,14 @@ class TFRecordSource(Sequence):
     return self._read(shard, local, int(self._offsets[shard][local]))
 
   def _read(self, shard: int, index: int, offset: int) -> dict[str, Any]:
-    if not self._fds:
+    if not self._readers:
       raise ValueError(f"reading record {index} of {self.files[shard]} from a closed TFRecordSource")
-    path, fd = self.files[shard], self._fds[shard]
-    header = os.pread(fd, tfrecord.HEADER.size, offset)
+    path, reader = self.files[shard], self._readers[shard]
+    header = reader.pread(tfrecord.HEADER.size, offset)
     length, length_crc = tfrecord.HEADER.unpack(header)
     if tfrecord.masked_crc32c(header[:8]) != length_crc:  # the file changed since it was indexed
       raise tfrecord.TFRecordError(path, index, offset, "length CRC mismatch (corrupt header)")
-    body = os.pread(fd, length + tfrecord.FOOTER.size, offset + tfrecord.HEADER.size)
+    body = reader.pread(length + tfrecord.FOOTER.size, offset + tfrecord.HEADER.size)
     if len(body) < length + tfrecord.FOOTER.size:
       raise tfrecord.TFRecordError(path, index, offset, "truncated record (the file shrank since it was indexed)")
     data = body[:length]
@@ -198,10 +203,10 @@ class TFRecordSource(Sequence):
     self.close()
 
 
-def _manifest_shards(manifest: pathlib.Path) -> list[dict[str, Any]]:
+def _manifest_shards(manifest: str) -> list[dict[str, Any]]:
   """The shard entries of a synthesize manifest, checked for a complete, consistent shard set."""
   try:
-    content = json.loads(manifest.read_text())
+    content = json.loads(storage.read_text(manifest))
   except (OSError, ValueError) as e:
     raise ManifestError(f"{manifest}: cannot read the manifest ({e})") from e
   if not isinstance(content, dict) or not isinstance(content.get("shards"), list) or \
@@ -220,28 +225,32 @@ def _manifest_shards(manifest: pathlib.Path) -> list[dict[str, Any]]:
   return sorted(shards, key=lambda s: s["shard"])
 
 
-def _sha256(path: pathlib.Path) -> str:
+def _sha256(path: str) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with storage.open(path, "rb") as f:
     while chunk := f.read(1 << 20):
       digest.update(chunk)
   return digest.hexdigest()
 
 
-def _check_manifest_files(manifest: pathlib.Path, shards: list[dict[str, Any]], process_index: int,
+def _shard_file(manifest: str, shard: dict[str, Any]) -> str:
+  return storage.join(storage.parent(manifest), shard["file"])
+
+
+def _check_manifest_files(manifest: str, shards: list[dict[str, Any]], process_index: int,
                           process_count: int) -> list[str]:
   """Paths of the shards; raises ManifestError for a missing shard or (on its verifying process) a bad SHA-256."""
   paths = []
   for s in shards:
-    path = manifest.parent / s["file"]
-    if not path.is_file():
+    path = _shard_file(manifest, s)
+    if not storage.is_file(path):
       raise ManifestError(f"{manifest}: shard {s['shard']}: file {path} is missing")
     if s["shard"] % process_count == process_index:
       digest = _sha256(path)
       if digest != s["sha256"]:
         raise ManifestError(f"{manifest}: shard {s['shard']}: {path} has SHA-256 {digest}, the manifest lists "
                             f"{s['sha256']}")
-    paths.append(str(path))
+    paths.append(path)
   return paths
 
 
@@ -262,8 +271,8 @@ def _missing_shards(matches: list[str]) -> list[str]:
 
 
 def _expand(entry: str) -> list[str]:
-  if glob.has_magic(entry):
-    matches = sorted(glob.glob(entry))
+  if storage.has_magic(entry):
+    matches = storage.glob(entry)
     if not matches:
       raise FileNotFoundError(f"no TFRecord files match {entry!r}")
     missing = _missing_shards(matches)
@@ -272,7 +281,7 @@ def _expand(entry: str) -> list[str]:
                               "training on the others would silently leave their records out (to train on part of "
                               "a set, name its files one by one)")
     return matches
-  if not os.path.isfile(entry):
+  if not storage.is_file(entry):
     raise FileNotFoundError(f"TFRecord file {entry!r} not found")
   return [entry]
 
@@ -285,7 +294,7 @@ def open_source(entries: Iterable[str | os.PathLike], skip_bad: bool = False, pr
   manifests = []
   for entry in map(os.fspath, entries):
     if entry.endswith(".json"):
-      manifest = pathlib.Path(entry)
+      manifest = entry
       shards = _manifest_shards(manifest)
       manifests.append((manifest, shards))
       files.update(dict.fromkeys(_check_manifest_files(manifest, shards, process_index, process_count)))
@@ -293,13 +302,13 @@ def open_source(entries: Iterable[str | os.PathLike], skip_bad: bool = False, pr
       files.update(dict.fromkeys(_expand(entry)))
   source = TFRecordSource(list(files), skip_bad)
   counts = dict(zip(source.files, source.counts()))
-  listed = {str(manifest.parent / s["file"]) for manifest, shards in manifests for s in shards}
+  listed = {_shard_file(manifest, s) for manifest, shards in manifests for s in shards}
   for path, count in counts.items():
     if count == 0 and path not in listed:
       logging.warning("%s: empty TFRecord file: it adds no training records (a shard lost in a copy?)", path)
   for manifest, shards in manifests:
     for s in shards:
-      indexed = counts[str(manifest.parent / s["file"])]
+      indexed = counts[_shard_file(manifest, s)]
       if indexed != s["num_records"]:
         source.close()
         raise ManifestError(f"{manifest}: shard {s['shard']}: {indexed} records in {s['file']}, the manifest "

@@ -4,7 +4,8 @@ Framing of each record (TensorFlow's `core/lib/io/record_writer.cc`):
   uint64 length (little endian) | uint32 masked_crc32c(length bytes) | data | uint32 masked_crc32c(data)
 
 The Example protos come from tensorflow-datasets' bundled copy of `tf.train.Example`
-(same field numbers, hence the same wire format); CRC32C from `google-crc32c`.
+(same field numbers, hence the same wire format); CRC32C from `google-crc32c`. Paths may be local or in an
+object store (`gs://...`, through `o1jax.storage`).
 """
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ import hashlib
 import os
 import pathlib
 import struct
+import tempfile
 from typing import Union
 
 import google_crc32c
 from google.protobuf import message as pb_message
 import numpy as np
 from tensorflow_datasets.proto import tf_example_generated_pb2 as example_pb2
+
+from o1jax import storage
 
 _MASK_DELTA = 0xA282EAD8
 HEADER = struct.Struct("<QI")  # length, masked crc of the 8 length bytes
@@ -50,16 +54,23 @@ def frame_record(data: bytes) -> bytes:
 
 
 class TFRecordWriter:
-  """Writes records to `<path>.tmp`, renamed to `path` only by a successful `close()`.
+  """Writes records to `<path>.tmp`, renamed to `path` only by a successful `close()`; for a remote `path`, to a
+  local temporary file uploaded as the object `path` by `close()`.
 
   A reader therefore never sees a partial file under the final name; on an exception inside a `with`
   block the temporary file is removed and `path` is left untouched.
   """
 
   def __init__(self, path: PathLike):
-    self.path = pathlib.Path(path)
-    self.tmp_path = self.path.with_name(self.path.name + ".tmp")
-    self._file = open(self.tmp_path, "wb")
+    self.remote = storage.is_remote(path)
+    self.path = os.fspath(path) if self.remote else pathlib.Path(path)
+    if self.remote:
+      # pylint: disable-next=consider-using-with
+      self._file = tempfile.NamedTemporaryFile("wb", suffix=".tfrecord", delete=False)
+      self.tmp_path = pathlib.Path(self._file.name)
+    else:
+      self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+      self._file = open(self.tmp_path, "wb")  # pylint: disable=consider-using-with
     self.num_records = 0
     self._sha256 = hashlib.sha256()
 
@@ -82,7 +93,13 @@ class TFRecordWriter:
     self._file.flush()
     os.fsync(self._file.fileno())
     self._file.close()
-    os.replace(self.tmp_path, self.path)
+    if self.remote:
+      try:
+        storage.put_file(self.tmp_path, self.path)
+      finally:
+        self.tmp_path.unlink()
+    else:
+      os.replace(self.tmp_path, self.path)
 
   def abort(self) -> None:
     self._file.close()
@@ -100,7 +117,7 @@ class TFRecordWriter:
 
 def read_records(path: PathLike) -> Iterator[bytes]:
   """Yields the data of every record, checking both CRCs; raises TFRecordError on corruption/truncation."""
-  with open(path, "rb") as f:
+  with storage.open(path, "rb") as f:
     index, offset = 0, 0
     while True:
       header = f.read(HEADER.size)

@@ -3,7 +3,8 @@
 Two sources: a Hugging Face directory (exported from o1jax, or a plain backbone) and a checkpoint directory of
 `python -m o1jax.train`. A checkpoint is enough on its own: its `run/` files give the config, architecture and
 tokenizer, and only params (+ LoRA adapters, merged) are restored, as host arrays, whatever mesh or number of
-processes saved them.
+processes saved them. A checkpoint directory may be in an object store (`gs://...`); a Hugging Face directory is
+read from the local disk.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from o1jax import checkpoint, lora
+from o1jax import checkpoint, lora, storage
 from o1jax.convert import load_hf
 from o1jax.model import ModelConfig, init_params
 from o1jax.tokenizer import SpecialIds, add_special_tokens, load_tokenizer
@@ -79,19 +80,23 @@ def load_checkpoint_for_inference(ckpt_dir: str | os.PathLike, step: int | None 
 
 
 def checkpoint_fingerprint(path: str | os.PathLike) -> str:
-  """Identifies a checkpoint for the embedding cache: its absolute path and every file's name, size and mtime
-  (hashing the weights themselves would cost a full read of a 7B checkpoint on every start)."""
-  root = pathlib.Path(path).resolve()
-  digest = hashlib.sha256(str(root).encode())
-  for file in sorted(p for p in root.rglob("*") if p.is_file()):
-    stat = file.stat()
-    digest.update(f"\x00{file.relative_to(root)}\x00{stat.st_size}\x00{stat.st_mtime_ns}".encode())
+  """Identifies a checkpoint for the embedding cache: its absolute path and every file's name, size and version
+  (mtime, or an object's generation; hashing the weights themselves would cost a full read of a 7B checkpoint on
+  every start)."""
+  root = os.fspath(path) if storage.is_remote(path) else str(pathlib.Path(path).resolve())
+  digest = hashlib.sha256(root.encode())
+  for name, size, version in storage.walk_files(root):
+    digest.update(f"\x00{name}\x00{size}\x00{version}".encode())
   return digest.hexdigest()
 
 
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfig, Any, Any]:
   """(ModelConfig, params, tokenizer) in `dtype` of an exported Hugging Face directory (config.json +
   safetensors) or an o1jax checkpoint directory."""
+  if storage.is_remote(path):
+    if storage.is_file(storage.join(path, "config.json")):
+      raise ValueError(f"{path}: a Hugging Face directory in an object store; copy it to a local directory first")
+    return _from_checkpoint(os.fspath(path), dtype)
   path = pathlib.Path(path)
   if not path.is_dir():
     raise FileNotFoundError(f"{path}: no such checkpoint directory")
@@ -101,6 +106,10 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32") -> tuple[Mo
     # An export of an o1jax model already has the special tokens; a plain backbone gets them mean-initialised.
     cfg, params, _ = add_special_tokens(tokenizer, cfg, params)
     return cfg, params, tokenizer
+  return _from_checkpoint(path, dtype)
+
+
+def _from_checkpoint(path: str | os.PathLike, dtype: str) -> tuple[ModelConfig, Any, Any]:
   cfg, params, tokenizer = load_checkpoint_for_inference(path)
   params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params)
   return cfg.replace(dtype=dtype, param_dtype=dtype), params, tokenizer

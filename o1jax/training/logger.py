@@ -6,6 +6,11 @@ the step loop does not wait for the device every step.
 A run that resumes at step S logs steps S+1, ... again; the JSONL file and TensorBoard show each step once: lines
 of steps after S are dropped from the JSONL file when the logger opens it (an atomic rewrite), and TensorBoard is
 told to purge its events from step S+1 on. (A run that starts at step 0 starts both afresh.)
+
+Both may be object-store paths (`gs://...`). Objects cannot be appended to: the JSONL object is rewritten whole
+(through `o1jax.storage`) at most every `UPLOAD_EVERY_S` seconds and when the logger closes, so a killed run loses
+at most that much of its log, which its resume logs again; tensorboardX writes gs:// event files itself (through
+google-cloud-storage, which honours STORAGE_EMULATOR_HOST), re-uploading the run's event file on each flush.
 """
 from __future__ import annotations
 
@@ -21,7 +26,10 @@ import numpy as np
 import tensorboardX
 import tqdm
 
+from o1jax import storage
 from o1jax.files import atomic_write_text
+
+UPLOAD_EVERY_S = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +55,11 @@ class TrainLogger:
       self._writer = tensorboardX.SummaryWriter(tensorboard_dir, purge_step=first_step + 1)
     self._jsonl = None
     if enabled and jsonl:
-      _keep_steps_up_to(jsonl, first_step)
-      self._jsonl = open(jsonl, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+      kept = _keep_steps_up_to(jsonl, first_step)
+      if storage.is_remote(jsonl):
+        self._jsonl = _ObjectLines(jsonl, kept)
+      else:
+        self._jsonl = open(jsonl, "a", encoding="utf-8")  # pylint: disable=consider-using-with
     self._pending: tuple[int, Mapping[str, Any]] | None = None
     self._last_time, self._last_step = time.perf_counter(), first_step
     self.history: list[dict[str, float]] = []
@@ -99,13 +110,35 @@ class TrainLogger:
       self._jsonl.close()
 
 
-def _keep_steps_up_to(path: str, last_step: int) -> None:
-  """Drops the lines of `path` (a metrics JSONL file) after step `last_step`, and a line cut short by a kill."""
-  if not os.path.exists(path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    return
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().splitlines(keepends=True)
+class _ObjectLines:
+  """The text file interface the logger uses, for a JSONL object: `write` collects lines, `flush` uploads the
+  whole object when `UPLOAD_EVERY_S` seconds have passed since the last upload, `close` uploads what is left."""
+
+  def __init__(self, path: str, lines: list[str]):
+    self._path, self._lines = path, list(lines)
+    self._uploaded, self._dirty = time.monotonic(), False
+
+  def write(self, text: str) -> None:
+    self._lines.append(text)
+    self._dirty = True
+
+  def flush(self, force: bool = False) -> None:
+    if self._dirty and (force or time.monotonic() - self._uploaded >= UPLOAD_EVERY_S):
+      atomic_write_text(self._path, "".join(self._lines))
+      self._uploaded, self._dirty = time.monotonic(), False
+
+  def close(self) -> None:
+    self.flush(force=True)
+
+
+def _keep_steps_up_to(path: str, last_step: int) -> list[str]:
+  """Drops the lines of `path` (a metrics JSONL file) after step `last_step`, and a line cut short by a kill;
+  returns the lines kept."""
+  if not storage.exists(path):
+    if not storage.is_remote(path):
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return []
+  lines = storage.read_text(path).splitlines(keepends=True)
   kept = []
   for line in lines:
     try:
@@ -115,3 +148,4 @@ def _keep_steps_up_to(path: str, last_step: int) -> None:
       pass
   if kept != lines:
     atomic_write_text(path, "".join(kept))
+  return kept

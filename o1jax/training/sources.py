@@ -1,7 +1,7 @@
 """Where a run's model and training records come from: weights and tokenizer, or shapes alone; records.
 
   source 'random'  a freshly initialised model of `arch` with the synthetic data's generated tokenizer
-  source 'hf'      a Hugging Face directory (safetensors)
+  source 'hf'      a Hugging Face directory (safetensors; onto a mesh, each process reads only its devices' slices)
   source 'gguf'    a GGUF file
 The four special tokens are added to a loaded tokenizer (and their embedding rows to the weights) as needed.
 """
@@ -12,10 +12,16 @@ import dataclasses
 import logging
 from typing import Any
 
+import jax
+from jax.sharding import Mesh
+
+from o1jax import sharding
 from o1jax.convert import load_gguf, load_hf
+from o1jax.convert.hf import load_hf_sharded
 from o1jax.data import pipeline, synthetic
 from o1jax.model import ModelConfig
 from o1jax.tokenizer import SPECIAL_TOKENS, SpecialIds, add_special_tokens, load_tokenizer
+from o1jax.training import state as state_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,17 +42,31 @@ class DataSource:
   synthetic: synthetic.SyntheticSpec = synthetic.SyntheticSpec()
 
 
-def build_model(model: ModelSource, data: DataSource) -> tuple[ModelConfig, Any, Any, SpecialIds]:
-  """(ModelConfig, host params or None for random init, tokenizer, SpecialIds)."""
+def build_model(model: ModelSource, data: DataSource, mesh: Mesh | None = None
+                ) -> tuple[ModelConfig, Any, Any, SpecialIds]:
+  """(ModelConfig, params or None for random init, tokenizer, SpecialIds).
+
+  With `mesh`, params are global arrays in the trainer's shardings (`state.param_shardings`): from a Hugging Face
+  directory each process reads only the slices of the tensors that its devices hold; a GGUF file is read whole by
+  every process and then placed. Without a mesh, params are host arrays. Every process must call this.
+  """
   if model.source == "random":
     tokenizer = synthetic.make_tokenizer(data.synthetic)
     return model.arch.replace(vocab_size=len(tokenizer)), None, tokenizer, SpecialIds.from_tokenizer(tokenizer)
   arch = model.arch
   runtime = dict(dtype=arch.dtype, param_dtype=arch.param_dtype, remat_policy=arch.remat_policy,
                  attention=arch.attention)
-  model_cfg, params = (load_hf if model.source == "hf" else load_gguf)(model.path, **runtime)
+  if mesh is None:
+    model_cfg, params = (load_hf if model.source == "hf" else load_gguf)(model.path, **runtime)
+  elif model.source == "hf":
+    model_cfg, params = load_hf_sharded(model.path, lambda cfg: state_lib.param_shardings(cfg, mesh), **runtime)
+  else:
+    model_cfg, params = load_gguf(model.path, **runtime)
+    params = sharding.place(params, state_lib.param_shardings(model_cfg, mesh))
   tokenizer = load_tokenizer(model.path)
   model_cfg, params, special = add_special_tokens(tokenizer, model_cfg, params)
+  if mesh is not None:  # new embedding rows change the vocabulary's shape, and with it possibly its sharding
+    params = jax.device_put(params, state_lib.param_shardings(model_cfg, mesh))
   return model_cfg, params, tokenizer, special
 
 

@@ -43,6 +43,11 @@ def abstract_params(model_cfg: ModelConfig) -> Any:
   return jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0))
 
 
+def param_shardings(model_cfg: ModelConfig, mesh: Mesh) -> Any:
+  """A NamedSharding per model parameter, by its logical axes: the trainer's, and what weights are loaded into."""
+  return sharding.logical_to_shardings(logical_axes(model_cfg), abstract_params(model_cfg), mesh)
+
+
 def abstract_state(init: Callable[[jax.Array, Any], dict], params: Any) -> dict:
   key_spec = jax.ShapeDtypeStruct(jax.random.key_data(jax.random.key(0)).shape, jnp.uint32)
   return jax.eval_shape(init, key_spec, params)
@@ -50,9 +55,9 @@ def abstract_state(init: Callable[[jax.Array, Any], dict], params: Any) -> dict:
 
 def shardings(abstract: dict, model_cfg: ModelConfig, lora_cfg: lora.LoraConfig | None, mesh: Mesh) -> dict:
   """Parameters by their logical axes; optimizer moments like the parameter they belong to; scalars replicated."""
-  model_axes = logical_axes(model_cfg)
-  out = {"params": sharding.logical_to_shardings(model_axes, abstract["params"], mesh)}
+  out = {"params": param_shardings(model_cfg, mesh)}
   if lora_cfg is not None:
+    model_axes = logical_axes(model_cfg)
     out["lora"] = sharding.logical_to_shardings(lora.logical_axes(model_axes, lora_cfg), abstract["lora"], mesh)
   at_rest = trainable_lib.trainable_part(abstract)
   out["opt_state"] = sharding.optimizer_state_shardings(abstract["opt_state"], dict(out), at_rest, mesh)

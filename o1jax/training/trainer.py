@@ -79,8 +79,9 @@ class Trainer:
 
     Args:
       rng: a PRNG key (typed or raw key data).
-      params: None for random parameters, else host (numpy) parameters in the model's layout, placed onto the
-        mesh shard by shard.
+      params: None for random parameters; else parameters in the model's layout, either already on this mesh
+        (`sources.build_model(..., mesh)`: used as they are, or resharded on the devices when their shardings
+        differ, with no host copy), or host arrays, placed onto the mesh shard by shard.
     """
     rng_data = rng if rng.dtype == jnp.uint32 else jax.random.key_data(rng)
     with sharding.activation_rules(self.mesh):
@@ -88,10 +89,19 @@ class Trainer:
       if params is None:
         init = jax.jit(lambda r: self._init(r, None), in_shardings=(rep,), out_shardings=self.state_shardings)
         return init(rng_data)
-      placed = sharding.place(params, self.state_shardings["params"])
+      placed = self._on_mesh(params)
       init = jax.jit(self._init, in_shardings=(rep, self.state_shardings["params"]),
                      out_shardings=self.state_shardings)
       return init(rng_data, placed)
+
+  def _on_mesh(self, params: Any) -> Any:
+    """Arrays already on this mesh's devices are resharded there (nothing moves when the shardings match); host
+    arrays, or the one-device arrays of `load_hf`/`load_gguf`, are placed shard by shard."""
+    targets = self.state_shardings["params"]
+    mesh_devices = set(self.mesh.devices.flat)
+    if all(isinstance(x, jax.Array) and x.sharding.device_set == mesh_devices for x in jax.tree.leaves(params)):
+      return jax.device_put(params, targets)
+    return sharding.place(params, targets)
 
   def abstract_state_with_shardings(self) -> dict:
     """The state as ShapeDtypeStructs carrying their shardings: a checkpoint's restore target, AOT's input."""
