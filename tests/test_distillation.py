@@ -20,7 +20,7 @@ from o1jax.data import batching, pipeline
 from o1jax.tokenizer import SpecialIds
 from o1jax.training import objective
 from o1jax.training.trainer import Trainer
-from tests.test_train_step import SPECIAL, TINY, make_batch, make_mesh, make_settings
+from test_train_step import SPECIAL, TINY, make_batch, make_mesh, make_settings
 
 G = 4
 WORD_SPECIAL = SpecialIds(query=50, query_end=51, thought=52, emb=53, eos=54, bos=55, pad=56)

@@ -41,13 +41,18 @@ def write_beir(directory, corpus, queries, qrels):
   return directory
 
 
-@pytest.fixture(scope="module")
-def scifact_subset(shared_dir, tmp_path_factory):
-  full = retriever_eval.first_queries(load_beir(shared_dir / "data" / "beir-scifact", "test"), 32)
+def write_scifact_subset(shared_dir, directory, num_queries):
+  """The first `num_queries` SciFact test queries with a corpus of their judged docs and 300 others."""
+  full = retriever_eval.first_queries(load_beir(shared_dir / "data" / "beir-scifact", "test"), num_queries)
   judged = {d for docs in full.qrels.values() for d in docs}
   others = [d for d in full.corpus if d not in judged][:300]
   corpus = {d: (full.corpus[d].title, full.corpus[d].text) for d in [*sorted(judged), *others]}
-  return write_beir(tmp_path_factory.mktemp("scifact") / "subset", corpus, full.queries, full.qrels)
+  return write_beir(directory, corpus, full.queries, full.qrels)
+
+
+@pytest.fixture(scope="module")
+def scifact_subset(shared_dir, tmp_path_factory):
+  return write_scifact_subset(shared_dir, tmp_path_factory.mktemp("scifact") / "subset", 32)
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +65,16 @@ def cli_run(scifact_subset, model_dir, tmp_path_factory):
   out, cache = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("cache")
   results = main([f"--checkpoint={model_dir}", f"--dataset={scifact_subset}", "--think=2", "--max_new_tokens=8",
                   "--search=exact", f"--out={out}", f"--cache_dir={cache}", "--seed=5"])
-  return results, out, cache
+  assert list(results) == ["subset"]  # one dataset, named by its directory
+  return results["subset"], out, cache
 
 
 def test_one_table_with_think_no_think_and_baselines(cli_run, capsys):
   results, out, _ = cli_run
   assert list(results) == ["o1jax think=2", "o1jax no-think", "BM25", "MiniLM-L6-v2"]
   summary = json.loads((out / "summary.json").read_text())
-  assert set(summary["metrics"]) == set(results)
+  assert set(summary["metrics"]) == set(results) and summary["datasets"]["subset"]["suite"] == "beir"
+  assert sorted(p.name for p in out.glob("*.thoughts.jsonl")) == ["o1jax_think_2.thoughts.jsonl"]
   for evaluation in results.values():
     assert set(evaluation.metrics) == {"ndcg@10", "mrr@10", "recall@100", "recall@1000"}
     assert len(evaluation.per_query["ndcg@10"]) == 32
@@ -112,7 +119,8 @@ def test_api_reproduces_the_cli_exactly(cli_run, scifact_subset, model_dir):
 def test_max_queries_think_off_and_self_hits(cli_run, scifact_subset, model_dir, capsys):
   _, _, cache = cli_run
   results = main([f"--checkpoint={model_dir}", f"--dataset={scifact_subset}", "--think=off", "--baselines=bm25",
-                  "--max_queries=5", "--search=exact", f"--cache_dir={cache}", "--drop_self_hits", "--per_query"])
+                  "--max_queries=5", "--search=exact", f"--cache_dir={cache}", "--drop_self_hits",
+                  "--per_query"])["subset"]
   assert list(results) == ["o1jax no-think", "BM25"]
   assert all(len(r.run) == 5 and len(r.per_query["mrr@10"]) == 5 for r in results.values())
   printed = capsys.readouterr().out

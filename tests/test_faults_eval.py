@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from o1jax.eval import __main__ as eval_cli
+from o1jax.eval import __main__ as eval_cli, dataset_spec
 from o1jax.eval.baselines import __main__ as baselines_cli
 from o1jax.retrieval import embedding_cache
 from o1jax.retrieval.retriever import Retriever
@@ -34,7 +34,7 @@ def refuse(*args, **kwargs):
 
 @pytest.fixture
 def nothing_loads(monkeypatch):
-  monkeypatch.setattr(eval_cli, "load_beir", refuse)
+  monkeypatch.setattr(dataset_spec, "load_files", refuse)
   monkeypatch.setattr(baselines_cli, "load_beir", refuse)
   monkeypatch.setattr(Retriever, "from_pretrained", refuse)
 
@@ -78,7 +78,8 @@ def bad_options(tmp_path):
 
 
 def test_every_option_is_checked_before_anything_loads(tmp_path, nothing_loads):
-  base = [f"--checkpoint={tmp_path}", f"--dataset={tmp_path}"]
+  dataset = write_beir(tmp_path / "beir", {"d1": ("", "text")}, {"q1": "query"}, {"q1": {"d1": 1}})
+  base = [f"--checkpoint={tmp_path}", f"--dataset={dataset}"]
   for args, message in bad_options(tmp_path):
     with pytest.raises(ValueError) as raised:
       eval_cli.main(base + args)
@@ -106,7 +107,8 @@ def test_the_baselines_cli_checks_its_options_first(tmp_path, nothing_loads):
 
 
 def test_the_cli_answers_with_one_line_and_exit_1(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "o1jax.eval", f"--checkpoint={tmp_path}", f"--dataset={tmp_path}",
+  dataset = write_beir(tmp_path / "beir", {"d1": ("", "text")}, {"q1": "query"}, {"q1": {"d1": 1}})
+  proc = subprocess.run([sys.executable, "-m", "o1jax.eval", f"--checkpoint={tmp_path}", f"--dataset={dataset}",
                          "--top_p=2"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 1
@@ -254,13 +256,13 @@ def test_a_replaced_document_cache_is_recomputed_end_to_end(tiny, tmp_path, capl
   cache = tmp_path / "cache"
   args = [f"--checkpoint={model}", f"--dataset={dataset}", "--think=off", "--baselines=", "--search=exact",
           f"--cache_dir={cache}"]
-  first = eval_cli.main(args)["o1jax no-think"]
+  first = eval_cli.main(args)["beir"]["o1jax no-think"]
   (npy,) = cache.glob("*.npy")
   vectors = np.load(npy)
   # Vectors that favour the wrong documents: used as is, they would change the run.
   np.save(npy, np.roll(vectors, 1, axis=0), allow_pickle=False)
   with caplog.at_level(logging.WARNING):
-    second = eval_cli.main(args)["o1jax no-think"]
+    second = eval_cli.main(args)["beir"]["o1jax no-think"]
   assert "checksum mismatch" in caplog.text and str(npy) in caplog.text
   assert second.run == first.run and second.metrics == first.metrics
   np.testing.assert_array_equal(np.load(npy), vectors)

@@ -15,8 +15,11 @@ import tomllib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-MODULES = {"o1jax-train": "o1jax.train", "o1jax-eval": "o1jax.eval", "o1jax-export": "o1jax.export",
-           "o1jax-synthesize": "data_tools.synthesize", "o1jax-aot": "o1jax.aot", "o1jax-convert": "o1jax.convert"}
+MODULES = {"o1jax-train": "o1jax.train", "o1jax-eval": "o1jax.eval", "o1jax-mteb": "o1jax.eval.mteb",
+           "o1jax-export": "o1jax.export",
+           "o1jax-synthesize": "data_tools.synthesize", "o1jax-ingest": "data_tools.ingest",
+           "o1jax-mine": "data_tools.mine", "o1jax-score": "data_tools.score", "o1jax-aot": "o1jax.aot",
+           "o1jax-convert": "o1jax.convert"}
 
 pytestmark = pytest.mark.e2e
 
@@ -69,6 +72,10 @@ def test_installed_package_is_imported_from_the_virtualenv(venv, tmp_path):
     ("o1jax-eval", ["--help"]),
     ("o1jax-export", ["--checkpoint=no-such-dir", "--out=o"]),  # one line naming the missing run file, status 1
     ("o1jax-synthesize", ["--help"]),
+    ("o1jax-ingest", ["--help"]),
+    ("o1jax-mteb", ["--help"]),
+    ("o1jax-mine", ["--help"]),
+    ("o1jax-score", ["--help"]),
     ("o1jax-convert", ["hf-to-hf", "--hf=no-such-dir", "--out=o"]),
     ("o1jax-aot", ["--topology=cpu-1"]),  # no --config: one line, exit status 2
 ])

@@ -138,7 +138,7 @@ def test_eval_cli_thinks_through_the_server(served, remote, tmp_path, capsys):
                               "--api_key_env=O1JAX_TEST_KEY"])
   assert len(server.requests) - before == len(QUERIES)
   local_results = eval_main(common)
-  assert remote_results["o1jax think=1"].metrics == local_results["o1jax think=1"].metrics
+  assert remote_results["beir"]["o1jax think=1"].metrics == local_results["beir"]["o1jax think=1"].metrics
   with pytest.raises(ValueError, match="--think_url and --think_model go together"):
     eval_main([*common, f"--think_url={server.base_url}"])
   assert KEY not in capsys.readouterr().out

@@ -1,16 +1,29 @@
-"""`python -m o1jax.eval`: an o1jax checkpoint with and without thinking next to BM25 and MiniLM, one table.
+"""`python -m o1jax.eval`: an o1jax checkpoint with and without thinking next to BM25 and MiniLM, on one or several
+datasets, one table.
 
-  python -m o1jax.eval --checkpoint=PATH --dataset=../shared/data/beir-scifact [--split=test] [--think=3|off]
-      [--baselines=bm25,minilm] [--out=DIR] [--max_queries=N] [--search=auto|exact|scann] [--drop_self_hits]
-      [--doc_tokens=512]
+  python -m o1jax.eval --checkpoint=PATH --dataset=DATASET [--dataset=DATASET ...] [--split=test] [--suite=SUITE]
+      [--think=3|off] [--baselines=bm25,minilm] [--out=DIR] [--max_queries=N] [--search=auto|exact|scann]
+      [--drop_self_hits] [--doc_tokens=512]
+  python -m o1jax.eval --checkpoint=PATH --corpus=FILE --queries=FILE --qrels=FILE [--name=NAME] [--suite=SUITE] ...
 
-PATH is an exported Hugging Face directory or an o1jax checkpoint directory. Metrics are trec_eval's (through
-pytrec_eval) over every judged query: nDCG@10, MRR@10 (run cut at 10), Recall@100, Recall@1000 of the top-k
-(default 1000) run. `--out` gets a TREC run file and a metrics JSON (means and per-query values) per system and
-`summary.json`; `--per_query` also prints every query's values. Document embeddings are cached on disk
-(`--cache_dir`, default $O1JAX_CACHE or ~/.cache/o1jax), keyed by checkpoint, corpus and settings.
-Every option is checked before the dataset or any model loads; the table is printed before `--out` is written.
-With `--think_url=http://host:8000/v1 --think_model=NAME [--api_key_env=VAR]` the thoughts come from an
+PATH is an exported Hugging Face directory or an o1jax checkpoint directory. DATASET is a BEIR directory, `NAME=DIR`
+or `NAME=corpus:FILE,queries:FILE,qrels:FILE`, with optional `,split:S` (directories) and `,suite:S`
+(see `dataset_spec`); `--corpus/--queries/--qrels` add one dataset of loose files (jsonl or tsv: MS MARCO's
+collection.tsv and queries, TREC topics; qrels BEIR tsv or TREC). Each dataset's suite picks its measures
+(`suites`): beir nDCG@10, MRR@10, Recall@100, Recall@1000; dl (TREC DL) nDCG@10, and MRR@10 and Recall@1000 at
+relevance >= 2; msmarco (MS MARCO dev) MRR@10, Recall@1000. A suite is `,suite:S`, else `--suite`, else guessed
+from the dataset's name (dl19, dl20, trec-dl* -> dl; msmarco* -> msmarco; else beir).
+
+Metrics are trec_eval's (through pytrec_eval) over every judged query of the top-k (default 1000) run. The table
+has one row per system and one column per measure; with several datasets, one column per (dataset, measure) and
+the average over datasets of each one's headline measure (the first of its suite). `--out` gets, per dataset and
+system, a TREC run file, a metrics JSON (means and per-query values) and, for systems that think,
+`<system>.thoughts.jsonl` (query id -> the thoughts it was embedded with, as text and token ids); with several
+datasets in `--out/<NAME>/`; and `summary.json` (the table's numbers and each dataset's suite and source).
+`--per_query` also prints every query's values. Document embeddings are cached on disk (`--cache_dir`, default
+$O1JAX_CACHE or ~/.cache/o1jax), keyed by checkpoint, corpus and settings. Every option is checked before any
+dataset or model loads; every dataset is read before the model loads; the table is printed before `--out` is
+written. With `--think_url=http://host:8000/v1 --think_model=NAME [--api_key_env=VAR]` the thoughts come from an
 OpenAI-compatible completions server (vLLM, ...) serving the exported model; embedding stays local.
 """
 from __future__ import annotations
@@ -18,46 +31,46 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import pathlib
 import sys
 from typing import Sequence
 
-from o1jax.data.readers import BeirDataset, load_beir
-from o1jax.eval import baselines, evaluation, retriever_eval
-from o1jax.eval.metrics import DEFAULT_MEASURES
+import numpy as np
+
+from o1jax import storage
+from o1jax.data.readers import BeirDataset
+from o1jax.eval import baselines, dataset_spec, evaluation, retriever_eval, suites
 from o1jax.files import atomic_write_json
 from o1jax.http_json import RequestError
 from o1jax.retrieval.remote_generator import CompletionsGenerator
 from o1jax.retrieval.retriever import EVAL_LENGTHS, Retriever, Sampling
 from o1jax.templates import DOC_TEMPLATE_TOKENS
 
-
-def _think(value: str) -> int:
-  if value == "off":
-    return 0
-  try:
-    k = int(value)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number of thoughts or 'off', got {value!r}") from None
-  if k < 0:
-    raise argparse.ArgumentTypeError(f"expected >= 0 thoughts, got {k}")
-  return k
+Results = dict[str, dict[str, evaluation.Evaluation]]  # {dataset name: {system: its evaluation}}
 
 
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m o1jax.eval", description=__doc__.splitlines()[0])
   p.add_argument("--checkpoint", required=True, help="exported Hugging Face directory or o1jax checkpoint directory")
-  p.add_argument("--dataset", required=True, help="BEIR directory (corpus.jsonl[.gz], queries.jsonl, qrels/)")
-  p.add_argument("--split", default="test")
-  p.add_argument("--think", type=_think, default=3, help="thoughts per query (METHOD: 3), or 'off'")
+  p.add_argument("--dataset", action="append", default=[],
+                 help="repeatable: DIR, NAME=DIR or NAME=corpus:FILE,queries:FILE,qrels:FILE; optional ,split:S "
+                      "and ,suite:S (beir, dl, msmarco)")
+  p.add_argument("--corpus", help="one more dataset from loose files: the corpus (jsonl, or tsv: pid, [title,] text)")
+  p.add_argument("--queries", help="its queries (BEIR jsonl, or tsv: qid, text)")
+  p.add_argument("--qrels", help="its judgements (BEIR tsv or TREC 'qid iter docid grade')")
+  p.add_argument("--name", default="files", help="the name of the --corpus/--queries/--qrels dataset")
+  p.add_argument("--split", default="test", help="the qrels split of directories that name none")
+  p.add_argument("--suite", default=None, choices=list(suites.SUITES),
+                 help="the suite of datasets that name none (default: guessed from each dataset's name)")
+  p.add_argument("--think", type=retriever_eval.think_option, default=3, help="thoughts per query (METHOD: 3), or 'off'")
   p.add_argument("--temperature", type=float, default=Sampling.temperature)
   p.add_argument("--top_p", type=float, default=Sampling.top_p)
   p.add_argument("--max_new_tokens", type=int, default=Sampling.max_new_tokens)
   p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same thoughts")
   p.add_argument("--baselines", default="bm25,minilm",
                  help="comma-separated: bm25, minilm, or a sentence-transformers model directory; '' for none")
-  p.add_argument("--out", help="directory for TREC run files and metrics JSON")
-  p.add_argument("--max_queries", type=int, default=0, help="evaluate only the first N judged queries (0 = all)")
+  p.add_argument("--out", help="directory for TREC run files, metrics JSON, thoughts and summary.json")
+  p.add_argument("--max_queries", type=int, default=0,
+                 help="evaluate only the first N judged queries of each dataset (0 = all)")
   p.add_argument("--search", default="auto", choices=["auto", "exact", "scann"])
   p.add_argument("--k", type=int, default=1000, help="documents retrieved per query")
   p.add_argument("--drop_self_hits", action="store_true", help="never retrieve a doc whose id is the query id")
@@ -71,11 +84,6 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--think_model", default=None, help="the model name the --think_url server serves")
   p.add_argument("--api_key_env", default=None, help="environment variable holding the --think_url server's key")
   return p
-
-
-def _sentence_encoder(dataset: BeirDataset, model: str | None, args: argparse.Namespace) -> evaluation.Evaluation:
-  return baselines.evaluate_sentence_encoder(dataset, model, args.k, args.search, cache_dir=args.cache_dir,
-                                             drop_self_hits=args.drop_self_hits)
 
 
 def _baseline_plan(spec: str, taken: list[str]) -> dict[str, str]:
@@ -98,12 +106,32 @@ def _baseline_plan(spec: str, taken: list[str]) -> dict[str, str]:
   return plan
 
 
-def check_args(args: argparse.Namespace) -> tuple[Sampling, dict[str, str]]:
-  """Every option checked before anything loads: the thought sampling and the baselines' {label: name}.
-  Raises ValueError naming the option."""
-  for option, value in (("--checkpoint", args.checkpoint), ("--dataset", args.dataset)):
-    if not os.path.isdir(value):
-      raise ValueError(f"{option}={value}: no such directory")
+def dataset_specs(args: argparse.Namespace) -> list[dataset_spec.DatasetSpec]:
+  """The datasets of `--dataset` and `--corpus/--queries/--qrels`, in command-line order, every file checked."""
+  specs = [dataset_spec.parse("--dataset", value, args.split, args.suite) for value in args.dataset]
+  loose = {"--corpus": args.corpus, "--queries": args.queries, "--qrels": args.qrels}
+  if any(loose.values()):
+    missing = [option for option, value in loose.items() if not value]
+    if missing:
+      raise ValueError(f"{', '.join(missing)}: --corpus, --queries and --qrels go together")
+    specs.append(dataset_spec.from_files(f"--name={args.name}", args.name, args.corpus, args.queries, args.qrels,
+                                         default_suite=args.suite))
+  if not specs:
+    raise ValueError("--dataset: no dataset (give --dataset=DIR, or --corpus, --queries and --qrels)")
+  seen: set[str] = set()
+  for spec in specs:
+    if spec.name in seen:
+      raise ValueError(f"--dataset: two datasets are named {spec.name!r}; name them: --dataset=NAME=...")
+    seen.add(spec.name)
+  return specs
+
+
+def check_args(args: argparse.Namespace) -> tuple[Sampling, dict[str, str], list[dataset_spec.DatasetSpec]]:
+  """Every option checked before anything loads: the thought sampling, the baselines' {label: name} and the
+  datasets. Raises ValueError naming the option."""
+  if not storage.is_dir(args.checkpoint):
+    raise ValueError(f"--checkpoint={args.checkpoint}: no such directory")
+  specs = dataset_specs(args)
   if args.k < 1:
     raise ValueError(f"--k={args.k}: must be >= 1")
   if args.max_queries < 0:
@@ -128,7 +156,7 @@ def check_args(args: argparse.Namespace) -> tuple[Sampling, dict[str, str]]:
     evaluation.check_output_directory("--cache_dir", args.cache_dir)
   if args.out is not None:
     evaluation.check_output_directory("--out", args.out)
-  return sampling, plan
+  return sampling, plan, specs
 
 
 def _thinks(args: argparse.Namespace) -> list[int]:
@@ -139,51 +167,103 @@ def _label(think: int) -> str:
   return f"o1jax think={think}" if think else "o1jax no-think"
 
 
-def evaluate_all(args: argparse.Namespace) -> dict[str, evaluation.Evaluation]:
-  """Every requested system on the dataset, in table order."""
-  sampling, plan = check_args(args)
-  dataset = retriever_eval.first_queries(load_beir(args.dataset, args.split), args.max_queries)
+def _evaluate_dataset(retriever: Retriever, dataset: BeirDataset, suite: suites.Suite, plan: dict[str, str],
+                      sampling: Sampling, args: argparse.Namespace) -> dict[str, evaluation.Evaluation]:
+  """Every requested system on one dataset, in table order, scored with the dataset's suite."""
+  retriever_eval.index_corpus(retriever, dataset, args.search, args.k, args.cache_dir)
+  results = {}
+  for think in _thinks(args):
+    results[_label(think)] = retriever_eval.evaluate(retriever, dataset, think, args.k, sampling, args.seed,
+                                                     args.drop_self_hits, suite.measures, suite.relevance_level)
+  for label, name in plan.items():
+    if name == "bm25":
+      run = baselines.bm25_run(dataset, args.k, args.drop_self_hits)
+    else:
+      run = baselines.evaluate_sentence_encoder(dataset, None if name == "minilm" else name, args.k, args.search,
+                                                cache_dir=args.cache_dir, drop_self_hits=args.drop_self_hits).run
+    results[label] = evaluation.evaluate_run(dataset, run, suite.measures, suite.relevance_level)
+  return results
+
+
+def evaluate_all(args: argparse.Namespace) -> tuple[Results, list[dataset_spec.DatasetSpec]]:
+  """Every requested system on every dataset: {dataset name: {system: evaluation}}, in command-line and table
+  order, with the datasets' specs."""
+  sampling, plan, specs = check_args(args)
+  # Every dataset is read before the model loads: a malformed file stops the run before hours of work, not after.
+  datasets = [retriever_eval.first_queries(spec.load(), args.max_queries) for spec in specs]
   lengths = dataclasses.replace(EVAL_LENGTHS, doc=args.doc_tokens)
   generator = None
   if args.think_url is not None:
     generator = CompletionsGenerator(args.think_url, args.think_model, api_key_env=args.api_key_env)
   retriever = Retriever.from_pretrained(args.checkpoint, dtype=args.dtype, lengths=lengths, generator=generator)
-  retriever_eval.index_corpus(retriever, dataset, args.search, args.k, args.cache_dir)
-  results = {}
-  for think in _thinks(args):
-    results[_label(think)] = retriever_eval.evaluate(retriever, dataset, think, args.k, sampling, args.seed,
-                                                     args.drop_self_hits)
-  for label, name in plan.items():
-    if name == "bm25":
-      results[label] = baselines.evaluate_bm25(dataset, args.k, drop_self_hits=args.drop_self_hits)
-    else:
-      results[label] = _sentence_encoder(dataset, None if name == "minilm" else name, args)
-  return results
+  results = {spec.name: _evaluate_dataset(retriever, dataset, spec.suite, plan, sampling, args)
+             for spec, dataset in zip(specs, datasets)}
+  return results, specs
 
 
-def _per_query_lines(results: dict[str, evaluation.Evaluation]) -> list[str]:
-  lines = ["system\tquery\t" + "\t".join(DEFAULT_MEASURES)]
-  for label, result in results.items():
-    for qid in result.per_query[DEFAULT_MEASURES[0]]:
-      values = "\t".join(f"{result.per_query[m][qid]:.4f}" for m in DEFAULT_MEASURES)
-      lines.append(f"{label}\t{qid}\t{values}")
+def table_rows(results: Results, specs: Sequence[dataset_spec.DatasetSpec]) -> dict[str, dict[str, float]]:
+  """{system: {column: value}}: one dataset's measures, or `NAME/measure` per dataset and `average/MEASURE`, the
+  mean over datasets of each one's headline measure (`average/headline` when the suites' headlines differ)."""
+  if len(results) == 1:
+    return {system: e.metrics for system, e in next(iter(results.values())).items()}
+  rows: dict[str, dict[str, float]] = {}
+  for spec in specs:
+    for system, e in results[spec.name].items():
+      rows.setdefault(system, {}).update({f"{spec.name}/{m}": e.metrics[m] for m in spec.suite.measures})
+  headlines = {spec.suite.headline for spec in specs}
+  column = f"average/{headlines.pop() if len(headlines) == 1 else 'headline'}"
+  for system, row in rows.items():
+    row[column] = float(np.mean([results[spec.name][system].metrics[spec.suite.headline] for spec in specs]))
+  return rows
+
+
+def _per_query_lines(results: Results, specs: Sequence[dataset_spec.DatasetSpec]) -> list[str]:
+  lines = []
+  for spec in specs:
+    if len(specs) > 1:
+      lines.append(f"# {spec.name}")
+    lines.append("system\tquery\t" + "\t".join(spec.suite.measures))
+    for label, result in results[spec.name].items():
+      for qid in result.per_query[spec.suite.headline]:
+        values = "\t".join(f"{result.per_query[m][qid]:.4f}" for m in spec.suite.measures)
+        lines.append(f"{label}\t{qid}\t{values}")
   return lines
 
 
-def main(argv: Sequence[str]) -> dict[str, evaluation.Evaluation]:
+def _summary(args: argparse.Namespace, results: Results, specs: Sequence[dataset_spec.DatasetSpec],
+             rows: dict[str, dict[str, float]]) -> dict:
+  """The settings, each dataset's suite, source and number of evaluated queries, and the table's numbers."""
+  datasets = {}
+  for spec in specs:
+    evaluated = next(iter(results[spec.name].values())).per_query[spec.suite.headline]
+    datasets[spec.name] = {"suite": spec.suite.name, "measures": list(spec.suite.measures),
+                           "relevance_level": spec.suite.relevance_level, "source": spec.source,
+                           "queries": len(evaluated)}
+  return {"settings": {k: v for k, v in vars(args).items() if k != "out"}, "datasets": datasets, "metrics": rows}
+
+
+def write_results(out: str, results: Results, specs: Sequence[dataset_spec.DatasetSpec],
+                  summary: dict) -> None:
+  """Run files, metrics and thoughts of every (dataset, system) (in `out/NAME/` when there are several datasets),
+  then `summary.json`, each file atomically."""
+  for spec in specs:
+    directory = storage.join(out, spec.name) if len(specs) > 1 else out
+    for label, result in results[spec.name].items():
+      evaluation.write_evaluation(directory, label, result)
+  atomic_write_json(storage.join(out, "summary.json"), summary)
+
+
+def main(argv: Sequence[str]) -> Results:
   args = parser().parse_args(argv)
-  results = evaluate_all(args)
+  results, specs = evaluate_all(args)
+  rows = table_rows(results, specs)
   # The table first: if writing fails, the hours behind these numbers are not lost with it.
-  print(evaluation.format_table({label: e.metrics for label, e in results.items()}))
+  print(evaluation.format_table(rows))
   if args.per_query:
-    print("\n".join(_per_query_lines(results)))
+    print("\n".join(_per_query_lines(results, specs)))
   if args.out:
     try:
-      for label, result in results.items():
-        evaluation.write_evaluation(args.out, label, result)
-      summary = {"settings": {k: v for k, v in vars(args).items() if k != "out"},
-                 "metrics": {label: e.metrics for label, e in results.items()}}
-      atomic_write_json(pathlib.Path(args.out) / "summary.json", summary)
+      write_results(args.out, results, specs, _summary(args, results, specs, rows))
     except OSError as e:
       raise OSError(f"--out={args.out}: writing the results failed ({e}); the table above is complete") from e
   return results

@@ -1,8 +1,11 @@
-"""An o1jax `Retriever` evaluated on a BEIR split: index the corpus, search every query, score with trec_eval.
+"""An o1jax `Retriever` evaluated on a BEIR split: index the corpus, search every query, score with trec_eval, and
+keep the thoughts each query was embedded with.
 
 Shared by `python -m o1jax.eval`, evaluation during training and API users, so all three give the same numbers.
 """
 from __future__ import annotations
+
+import argparse
 
 from collections.abc import Sequence
 import dataclasses
@@ -12,6 +15,7 @@ import jax
 
 from o1jax.data.readers import BeirDataset
 from o1jax.eval import evaluation, metrics
+from o1jax.eval.thoughts_file import QueryThoughts
 from o1jax.retrieval.retriever import Retriever, Sampling
 from o1jax.templates import document_text
 
@@ -37,9 +41,32 @@ def index_corpus(retriever: Retriever, dataset: BeirDataset, backend: str = "aut
 
 def evaluate(retriever: Retriever, dataset: BeirDataset, think: int, k: int = 1000, sampling: Sampling = Sampling(),
              rng: jax.Array | int = 0, drop_self_hits: bool = False,
-             measures: Sequence[str] = metrics.DEFAULT_MEASURES) -> evaluation.Evaluation:
-  """Top-`k` run of every query (with `think` thoughts each, 0 = none) against the indexed corpus, and its metrics."""
+             measures: Sequence[str] = metrics.DEFAULT_MEASURES, relevance_level: int = 1) -> evaluation.Evaluation:
+  """Top-`k` run of every query (with `think` thoughts each, 0 = none) against the indexed corpus, and its metrics;
+  with thinking, the thoughts each query was embedded with (`Evaluation.thoughts`)."""
   query_ids = list(dataset.queries)
-  hits = retriever.search([dataset.queries[q] for q in query_ids], k, think, sampling, rng,
-                          self_hit_ids=query_ids if drop_self_hits else None)
-  return evaluation.evaluate_run(dataset, {q: dict(h) for q, h in zip(query_ids, hits)}, measures)
+  queries = [dataset.queries[q] for q in query_ids]
+  thoughts = None
+  if think:
+    thought_ids = retriever.think(queries, think, sampling.temperature, sampling.top_p, sampling.max_new_tokens, rng)
+    vectors = retriever.encode_with_thoughts(queries, thought_ids)
+    thoughts = {q: QueryThoughts(text, texts, ids) for q, text, texts, ids
+                in zip(query_ids, queries, retriever.decode_thoughts(thought_ids), thought_ids)}
+  else:
+    vectors = retriever.encode_queries(queries)
+  hits = retriever.search_vectors(vectors, k, self_hit_ids=query_ids if drop_self_hits else None)
+  result = evaluation.evaluate_run(dataset, {q: dict(h) for q, h in zip(query_ids, hits)}, measures, relevance_level)
+  return dataclasses.replace(result, thoughts=thoughts)
+
+
+def think_option(value: str) -> int:
+  """`--think` of the evaluation commands: a number of thoughts per query, or 'off' (0)."""
+  if value == "off":
+    return 0
+  try:
+    k = int(value)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number of thoughts or 'off', got {value!r}") from None
+  if k < 0:
+    raise argparse.ArgumentTypeError(f"expected >= 0 thoughts, got {k}")
+  return k

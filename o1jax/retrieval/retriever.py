@@ -4,6 +4,11 @@
   retriever.index(doc_ids, doc_texts)
   hits = retriever.search(["what causes scurvy?"], k=10, think=3)
 
+  # The same in steps, keeping what the model thought:
+  thoughts = retriever.think(queries, k=3)                     # token ids, per query
+  hits = retriever.search_vectors(retriever.encode_with_thoughts(queries, thoughts), k=10)
+  texts = retriever.decode_thoughts(thoughts)                  # what it thought, as text
+
 Queries are embedded from token ids only: `[BOS] <query> q </query> <thought>` + generated thought ids + EOS +
 `<emb>` (METHOD §2), never decoded and re-tokenized. With `think=K` each query gets K sampled thoughts and its
 vector is the mean of the K normalised query+thought vectors, re-normalised; `think=0` embeds the no-thought
@@ -118,6 +123,10 @@ class Retriever:
     thoughts = [templates.thought_until_eos(t, self.special) for t in thoughts]
     return [thoughts[i * k:(i + 1) * k] for i in range(len(prompts))]
 
+  def decode_thoughts(self, thoughts: Sequence[Sequence[Sequence[int]]]) -> list[list[str]]:
+    """`think`'s token ids as text, special tokens kept: the text of exactly what was embedded."""
+    return [[self.tokenizer.decode(list(t), skip_special_tokens=False) for t in per_query] for per_query in thoughts]
+
   def embed_sequences(self, sequences: Sequence[Sequence[int]], desc: str | None = None) -> np.ndarray:
     return self.embedder.embed(sequences, desc)
 
@@ -129,9 +138,18 @@ class Retriever:
     if not think:
       return self.embed_sequences([s[0] for s in self.query_sequences(queries)])
     thoughts = self.think(queries, think, sampling.temperature, sampling.top_p, sampling.max_new_tokens, rng)
+    return self.encode_with_thoughts(queries, thoughts)
+
+  def encode_with_thoughts(self, queries: Sequence[str], thoughts: Sequence[Sequence[Sequence[int]]]) -> np.ndarray:
+    """Unit query vectors [Q, D] from given thought ids (`thoughts[i]`: query i's, as `think` returns them):
+    the mean of the query+thought vectors, re-normalised. Every query needs the same number of thoughts."""
+    counts = {len(per_query) for per_query in thoughts}
+    if len(counts) > 1 or 0 in counts:
+      raise ValueError(f"every query needs the same number (>= 1) of thoughts, got {sorted(counts)}")
+    k = counts.pop() if counts else 1
     sequences = self.query_sequences(queries, thoughts)
     vectors = self.embed_sequences([s for per_query in sequences for s in per_query])
-    mean = vectors.reshape(len(queries), think, -1).mean(axis=1)
+    mean = vectors.reshape(len(queries), k, -1).mean(axis=1)
     return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
 
   def encode_docs(self, docs: Sequence[str], cache_dir: str | os.PathLike | None = None) -> np.ndarray:
@@ -162,9 +180,15 @@ class Retriever:
              rng: jax.Array | int = 0, self_hit_ids: Sequence[str] | None = None) -> list[list[tuple[str, float]]]:
     """Top-k (doc id, score) per query, best first. `self_hit_ids[i]`: a doc id never returned for query i
     (ArguAna / Quora, where queries are also corpus documents)."""
+    if self._searcher is None:  # before thinking, which may take hours
+      raise ValueError("no corpus indexed: call index(doc_ids, docs) first")
+    return self.search_vectors(self.encode_queries(queries, think, sampling, rng), k, self_hit_ids)
+
+  def search_vectors(self, vectors: np.ndarray, k: int = 10, self_hit_ids: Sequence[str] | None = None
+                     ) -> list[list[tuple[str, float]]]:
+    """`search` for query vectors already encoded (`encode_queries`, `encode_with_thoughts`)."""
     if self._searcher is None:
       raise ValueError("no corpus indexed: call index(doc_ids, docs) first")
-    vectors = self.encode_queries(queries, think, sampling, rng)
     if self_hit_ids is None:
       indices, scores = self._searcher.search(vectors, k)
     else:
