@@ -38,6 +38,9 @@ import traceback
 
 import numpy as np
 
+from o1jax.bench import protocol
+from o1jax.files import atomic_write_json
+
 WORKLOADS = ("mistral7b_lora", "qwen2_5_0_5b_full")
 TASKS = ("train", "generate")
 SIDES = ("jax", "torch")
@@ -361,29 +364,6 @@ def _figures(side: dict, tokens, flops, peak) -> dict:
   return out
 
 
-def _cpu_model() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str | None:
-  root = pathlib.Path(__file__).resolve().parents[2]
-  try:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                           text=True, timeout=30)
-  except (OSError, subprocess.TimeoutExpired):
-    return None
-  if commit.returncode:
-    return None
-  return commit.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
-
-
 def _gib(n):
   return f"{n / 2**30:.1f} GiB" if n is not None else "n/a"
 
@@ -472,12 +452,12 @@ def assemble(raw: dict, args) -> dict:
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "small": bool(args.small),
       "machine": {"platform": jm["platform"], "device_kind": jm["device_kind"], "device_count": jm["device_count"],
-                  "torch_device": tm["torch_device"], "cpu_model": _cpu_model(), "cpu_cores": os.cpu_count(),
+                  "torch_device": tm["torch_device"], "cpu_model": protocol.cpu_model(), "cpu_cores": os.cpu_count(),
                   "python": platform.python_version()},
       "versions": {"jax": jm["versions"].get("jax"), "jaxlib": jm["versions"].get("jaxlib"),
                    "torch": tm["versions"].get("torch"), "transformers": tm["versions"].get("transformers"),
                    "peft": tm["versions"].get("peft")},
-      "git_commit": _git_commit(),
+      "git_commit": protocol.git_commit(),
       "peak_flops": peak, "peak_flops_source": jm["peak_flops_source"],
       "steps": args.steps, "repeats": args.repeats,
       "results": results,
@@ -515,8 +495,7 @@ def main(argv: list[str]) -> None:
   if unknown or not args.workloads:
     parser.error(f"--workloads: unknown {unknown}; expected a subset of {','.join(WORKLOADS)}")
   path = pathlib.Path(args.json)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  write = lambda report: path.write_text(json.dumps(report, indent=2) + "\n")
+  write = lambda report: atomic_write_json(path, report)  # a reader never sees half a report
   report = run_all(args, write)
   print_table(report)
   write(report)

@@ -1,6 +1,7 @@
 """Data benchmark: committee scoring throughput, shard read/decode rates, and the input pipeline vs the step.
 
   python -m o1jax.bench data --dataset=$O1JAX_SHARED/data/beir-scifact [--num_queries=200] [--k=3] [--gguf=FILE]
+      [--json=PATH]
 
 Candidate "thoughts" are real SciFact passages clipped to 48 words (the length of a generated thought), so
 member costs are realistic; no expert is run. The input pipeline (index the shards, read + CRC + decode each
@@ -8,7 +9,8 @@ record, sample the group, template, tokenize, pad, with the background prefetche
 files to the last batch, for tiny_cpu (synthetic records in shards, its word-level tokenizer) and smollm2_135m
 (SciFact records, the SmolLM2 tokenizer; needs --gguf or O1JAX_SHARED), against the examples/s the training
 step of the same config consumes (`Trainer.step`, median of timed steps after compiling). Goal: >= 10x.
-All rates are measured in the same run and printed with ratios.
+All rates are measured in the same run (one process, each timed once: no A/B protocol) and printed with ratios;
+`--json=PATH` also writes them with the machine record.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from data_tools import inputs
 from data_tools.committee import BM25Member, Committee, sentence_transformer_member
 from data_tools.record import ThoughtRecord, read_shard
 from o1jax import config as o1config, sharding, templates
+from o1jax.bench import protocol
 from o1jax.data import batching, pipeline, readers, synthetic, tfrecord
 from o1jax.training import sources
 from o1jax.training.trainer import Trainer
@@ -62,7 +65,7 @@ def _synthetic_records(count: int) -> list[ThoughtRecord]:
   return records
 
 
-def pipeline_vs_step(name: str, overrides: list[str], pattern: str, batches: int, steps: int) -> None:
+def pipeline_vs_step(name: str, overrides: list[str], pattern: str, batches: int, steps: int) -> dict:
   """Examples/s of the full input pipeline from `pattern` and of config `name`'s training step; their ratio."""
   config = o1config.load([f"--config=configs/{name}.py", "--config.checkpoint.dir=", *overrides])
   o1config.validate(config, jax.device_count())
@@ -95,6 +98,8 @@ def pipeline_vs_step(name: str, overrides: list[str], pattern: str, batches: int
         f"tokenize + pad, prefetched): {input_rate:,.0f} examples/s; training step consumes {step_rate:,.1f} "
         f"examples/s ({spec.batch_queries} queries x {spec.group_size} passages); ratio {input_rate / step_rate:,.1f}x "
         f"(goal >= 10x)")
+  return {"records": len(source), "input_examples_per_s": input_rate, "step_examples_per_s": step_rate,
+          "ratio": input_rate / step_rate}
 
 
 def main(argv: list[str]) -> None:
@@ -106,6 +111,7 @@ def main(argv: list[str]) -> None:
   p.add_argument("--batches", type=int, default=200, help="batches drawn from the input pipeline")
   p.add_argument("--steps", type=int, default=3, help="timed training steps per config (median)")
   p.add_argument("--gguf", default="", help="SmolLM2-135M-Instruct GGUF file (default: from O1JAX_SHARED)")
+  p.add_argument("--json", default="", help="write every rate and the machine here")
   args = p.parse_args(argv)
 
   beir = readers.load_beir(args.dataset, "train")
@@ -152,11 +158,18 @@ def main(argv: list[str]) -> None:
           f"BM25 / MiniLM member speed = {bm25_rate / minilm_rate:.0f}x")
 
     synthetic_pattern = _write_shards(synthetic_dir, _synthetic_records(args.num_records))
-    pipeline_vs_step("tiny_cpu", [], synthetic_pattern, args.batches, args.steps)
+    pipelines = {"tiny_cpu": pipeline_vs_step("tiny_cpu", [], synthetic_pattern, args.batches, args.steps)}
     shared = os.environ.get("O1JAX_SHARED")
     gguf = args.gguf or (os.path.join(shared, "data", "smollm2-135m-instruct-gguf", "SmolLM2-135M-Instruct.Q4_1.gguf")
                          if shared else "")
     if gguf:
-      pipeline_vs_step("smollm2_135m", [f"--config.model.path={gguf}"], scifact_pattern, args.batches, args.steps)
+      pipelines["smollm2_135m"] = pipeline_vs_step("smollm2_135m", [f"--config.model.path={gguf}"], scifact_pattern,
+                                                   args.batches, args.steps)
     else:
       print("smollm2_135m skipped: pass --gguf=FILE or set O1JAX_SHARED")
+  if args.json:
+    protocol.write_json(args.json, "data", {
+        "settings": {k: getattr(args, k) for k in ("num_queries", "k", "num_records", "batches", "steps")},
+        "committee_queries_per_s": {"bm25": bm25_rate, "minilm": minilm_rate, "committee": committee_rate},
+        "shards_records_per_s": {"framing_crc": frame_rate, "read_decode": decode_rate, "index": index_rate},
+        "shards_mb": size_mb, "pipeline": pipelines})

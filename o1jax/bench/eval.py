@@ -1,14 +1,15 @@
 """Retrieval benchmark: ScaNN vs exact search (QPS, recall@k), corpus encoding docs/s and query latency.
 
   python -m o1jax.bench eval [--dataset=DIR] [--synthetic_docs=100000] [--queries=1000] [--k=100]
-      [--checkpoint=PATH [--latency_queries=20] [--think=3] [--max_new_tokens=128]]
+      [--checkpoint=PATH [--latency_queries=20] [--think=3] [--max_new_tokens=128]] [--json=PATH]
 
 With --checkpoint (an exported HF directory or an o1jax checkpoint), the o1jax model's SciFact corpus encoding
 rate (first pass with compilation, then steady) and the latency of one query at a time, p50/p95, with and
 without thinking, next to MiniLM's encoding rate measured in the same run.
 
 SciFact runs when --dataset or $O1JAX_SHARED points at it; the synthetic corpus is clustered (Gaussian blobs on
-the unit sphere, like real embeddings), since uniform noise has no structure for partitioning to exploit.
+the unit sphere, like real embeddings), since uniform noise has no structure for partitioning to exploit. `--json=PATH`
+writes the search comparisons (QPS, recall, build time; each the best of 3 after a warm-up) with the machine record.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from o1jax.bench import protocol
 from o1jax.retrieval import search
 
 
@@ -56,7 +58,8 @@ def compare(name: str, docs: np.ndarray, queries: np.ndarray, k: int,
   scann_indices, _ = scann.search(queries, k)
   scann_s = _best_time(lambda: scann.search(queries, k))
   result = {"exact_qps": len(queries) / exact_s, "scann_qps": len(queries) / scann_s,
-            "recall": search.recall_at_k(scann_indices, exact_indices, k), "build_s": build_s}
+            "recall": search.recall_at_k(scann_indices, exact_indices, k), "build_s": build_s,
+            "docs": int(docs.shape[0]), "dim": int(docs.shape[1]), "queries": len(queries)}
   print(f"{name}: {docs.shape[0]:,} docs x {docs.shape[1]}, {len(queries)} queries, {scann.config}")
   print(f"  exact {result['exact_qps']:,.0f} QPS | ScaNN {result['scann_qps']:,.0f} QPS "
         f"(build {build_s:.1f}s) | ratio {result['scann_qps'] / result['exact_qps']:.1f}x | "
@@ -96,16 +99,26 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--think", type=int, default=3)
   parser.add_argument("--max_new_tokens", type=int, default=128)
   parser.add_argument("--skip_search", action="store_true", help="only the encoding and latency measurements")
+  parser.add_argument("--json", default="", help="write the search comparisons and the machine here")
   args = parser.parse_args(argv)
+  results = run(args)
+  if args.json:
+    protocol.write_json(args.json, "eval", {"settings": {"k": args.k, "synthetic_docs": args.synthetic_docs,
+                                                         "queries": args.queries, "dim": args.dim},
+                                            "search": results})
 
+
+def run(args) -> dict[str, dict]:
+  """The measurements `args` asks for; returns the search comparisons by name."""
+  results = {}
   if not args.skip_search:
     docs, queries = clustered_corpus(args.synthetic_docs, args.queries, args.dim,
                                      clusters=args.synthetic_docs // 100)
-    compare("synthetic clustered", docs, queries, args.k)
+    results["synthetic clustered"] = compare("synthetic clustered", docs, queries, args.k)
 
   if not args.dataset:
     print("SciFact skipped: pass --dataset or set O1JAX_SHARED")
-    return
+    return results
   from o1jax.data.readers import load_beir
   from o1jax.eval.baselines import cached_doc_encoder
   from o1jax.retrieval.sentence_encoder import SentenceEncoder
@@ -120,7 +133,7 @@ def main(argv: list[str]) -> None:
   if args.checkpoint:
     o1jax_speed(args.checkpoint, sample, list(dataset.queries.values())[:args.latency_queries], args.think,
                 args.max_new_tokens)
-  if args.skip_search:
-    return
-  compare("SciFact MiniLM", cached_doc_encoder(encoder)(texts), encoder.encode(list(dataset.queries.values())),
-          args.k)
+  if not args.skip_search:
+    results["SciFact MiniLM"] = compare("SciFact MiniLM", cached_doc_encoder(encoder)(texts),
+                                        encoder.encode(list(dataset.queries.values())), args.k)
+  return results

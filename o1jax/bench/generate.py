@@ -1,23 +1,25 @@
-"""`python -m o1jax.bench generate`: thought-generation throughput, o1jax vs transformers' `generate`, same run.
+"""`python -m o1jax.bench generate`: thought-generation throughput, o1jax vs transformers' `generate`.
 
 Both generate exactly `--new_tokens` tokens greedily for the same chat prompts from the same GGUF weights
-(de-quantized to float32), so the two do identical work; the ratio is the number to read.
+(de-quantized to float32), so the two do identical work. Each side runs in its own process, warmed up, and the
+two are timed in turns over `--rounds` rounds (`o1jax.bench.protocol`); the ratio is the number to read, and the
+verdict says whether the machine was quiet enough for it. `--json=PATH` writes every figure.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import pathlib
-import statistics
-import time
+import sys
 
-import jax
+from o1jax.bench import protocol
 
 QUESTIONS = [
     "What is the capital of France?", "Why is the sky blue?", "How do vaccines train the immune system?",
     "What causes ocean tides?", "Explain photosynthesis briefly.", "What is a prime number?",
     "How does a transistor work?", "Who wrote the theory of general relativity?",
 ]
+SIDES = ("o1jax", "transformers")
 
 
 def _default_gguf() -> str | None:
@@ -27,14 +29,46 @@ def _default_gguf() -> str | None:
   return None
 
 
-def _timed(fn, warmup, repeats: int) -> float:
-  warmup()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+def _prompts(tokenizer, batch: int) -> list[list[int]]:
+  return [tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                                        add_generation_prompt=True, tokenize=True, return_dict=False)
+          for i in range(batch)]
+
+
+def o1jax_side(args) -> protocol.Workload:
+  import jax
+  from o1jax.convert.gguf import load_gguf
+  from o1jax.generate import Generator
+  from o1jax.tokenizer import load_tokenizer
+  gguf_path = pathlib.Path(args.gguf)
+  prompts = _prompts(load_tokenizer(gguf_path), args.batch)
+  cfg, params = load_gguf(gguf_path)
+  # An id that never occurs: every row runs the full budget in both implementations.
+  generator = Generator(cfg, params, eos_ids=(-1,))
+  return protocol.Workload(run=lambda: generator.generate(prompts, max_new_tokens=args.new_tokens),
+                           info={"devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"})
+
+
+def transformers_side(args) -> protocol.Workload:
+  import torch
+  import transformers
+  from o1jax.tokenizer import load_tokenizer
+  gguf_path = pathlib.Path(args.gguf)
+  tokenizer = load_tokenizer(gguf_path)
+  prompts = _prompts(tokenizer, args.batch)
+  torch.set_num_threads(os.cpu_count() or 1)
+  reference = transformers.AutoModelForCausalLM.from_pretrained(
+      str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32).eval()
+  tokenizer.padding_side = "left"
+  batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
+
+  def generate(new_tokens):
+    with torch.inference_mode():
+      reference.generate(**batch, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+
+  return protocol.Workload(run=lambda: generate(args.new_tokens), warmup=lambda: generate(4),
+                           info={"threads": torch.get_num_threads()})
 
 
 def main(argv: list[str]) -> None:
@@ -42,44 +76,41 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--gguf", default=_default_gguf(), help="SmolLM2-135M-Instruct GGUF (default: $O1JAX_SHARED)")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--new_tokens", type=int, default=128)
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (each side once per round)")
+  parser.add_argument("--steps", type=int, default=1, help="timed generations per side per round (median)")
+  parser.add_argument("--json", default="", help="write every figure, the machine and the verdict here")
+  parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if not args.gguf:
     parser.error("--gguf is required when O1JAX_SHARED is not set")
+  if not os.path.isfile(args.gguf):
+    parser.error(f"--gguf: no such file: {args.gguf}")
+  if min(args.batch, args.new_tokens, args.rounds, args.steps) < 1:
+    parser.error("--batch, --new_tokens, --rounds and --steps must be >= 1")
+  if args.worker:
+    side = o1jax_side if args.worker == "o1jax" else transformers_side
+    protocol.serve(lambda: side(args), args.steps)
+    return
 
-  import torch
-  import transformers
-
-  from o1jax.convert.gguf import load_gguf
-  from o1jax.generate import Generator
-  from o1jax.tokenizer import load_tokenizer
-
-  gguf_path = pathlib.Path(args.gguf)
-  tokenizer = load_tokenizer(gguf_path)
-  prompts = [tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-                                           add_generation_prompt=True, tokenize=True, return_dict=False)
-             for i in range(args.batch)]
-  cfg, params = load_gguf(gguf_path)
-  # An id that never occurs: every row runs the full budget in both implementations.
-  generator = Generator(cfg, params, eos_ids=(-1,))
-  run_ours = lambda: generator.generate(prompts, max_new_tokens=args.new_tokens)
-  ours = _timed(run_ours, run_ours, args.repeats)  # warm-up = the same shapes: compiles once
-
-  torch.set_num_threads(os.cpu_count() or 1)
-  reference = transformers.AutoModelForCausalLM.from_pretrained(
-      str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32).eval()
-  tokenizer.padding_side = "left"
-  batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
-
-  def reference_generate(new_tokens):
-    with torch.inference_mode():
-      reference.generate(**batch, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-
-  theirs = _timed(lambda: reference_generate(args.new_tokens), lambda: reference_generate(4), args.repeats)
+  common = [f"--gguf={args.gguf}", f"--batch={args.batch}", f"--new_tokens={args.new_tokens}",
+            f"--steps={args.steps}"]
+  sides = tuple(protocol.Side(s, [sys.executable, "-m", "o1jax.bench", "generate", f"--worker={s}", *common])
+                for s in SIDES)
+  try:
+    result = protocol.compare(sides, args.rounds)
+  except RuntimeError as e:
+    sys.exit(f"generate: {e}")
   tokens = args.batch * args.new_tokens
-  print(f"generate: SmolLM2-135M fp32, batch {args.batch}, {args.new_tokens} new tokens, "
-        f"{jax.device_count()} x {jax.devices()[0].device_kind}, median of {args.repeats}")
-  print(f"  o1jax         {ours:8.2f} s  {tokens / ours:9.1f} tokens/s")
-  print(f"  transformers  {theirs:8.2f} s  {tokens / theirs:9.1f} tokens/s")
-  print(f"  ratio o1jax / transformers = {theirs / ours:.2f}x")
+  print(f"generate: SmolLM2-135M fp32, batch {args.batch}, {args.new_tokens} new tokens, o1jax on "
+        f"{result['info']['o1jax']['devices']}, {args.rounds} rounds x {args.steps}")
+  for name, s in result["sides"].items():
+    print(f"  {name:13s} {s['median']:8.2f} s  {tokens / s['median']:9.1f} tokens/s  (rounds {s['min']:.2f}-"
+          f"{s['max']:.2f} s)")
+  print("  " + protocol.describe(result, "speed-up o1jax over transformers"))
+  if args.json:
+    protocol.write_json(args.json, "generate", {
+        "settings": {"model": "SmolLM2-135M-Instruct (GGUF, de-quantized to fp32)", "gguf": os.path.basename(args.gguf),
+                     "batch": args.batch, "new_tokens": args.new_tokens, "rounds": args.rounds, "steps": args.steps},
+        "tokens_per_call": tokens,
+        "tokens_per_s": {name: tokens / s["median"] for name, s in result["sides"].items()},
+        "comparison": result})

@@ -1,9 +1,11 @@
-"""Train-step benchmark: `python -m o1jax.bench train [--gguf=FILE] [--steps=N]`.
+"""Train-step benchmark: `python -m o1jax.bench train [--gguf=FILE] [--rounds=R] [--steps=N] [--json=PATH]`.
 
-For tiny_cpu and (given the GGUF file, or O1JAX_SHARED) smollm2_135m, both with full fine-tuning: step time,
-tokens/s, achieved FLOP/s / the fp32 matmul peak measured at start-up, peak host memory; then the same step
-(same weights, batch, lengths, losses and AdamW update) written with transformers' PyTorch `LlamaForCausalLM`,
-timed in the same run, and the ratio. (Compiling a config's step from shapes alone, e.g. Mistral-7B on 8 fake
+For tiny_cpu and (given the GGUF file, or O1JAX_SHARED) smollm2_135m, both with full fine-tuning: o1jax's step
+vs the same step (same weights, batch, lengths, losses and AdamW update) written with transformers' PyTorch
+`LlamaForCausalLM`. Each side runs in its own process, compiled / warmed up, and the two are timed in turns over
+`--rounds` rounds of `--steps` steps, more until a round lasts `--round_seconds` (`o1jax.bench.protocol`): step
+time, tokens/s, achieved FLOP/s over the fp32 matmul peak measured at start-up, peak RSS of each process, the
+speed-up with its spread and a verdict. (Compiling a config's step from shapes alone, e.g. Mistral-7B on 8 fake
 CPU devices, with XLA's memory analysis: `python -m o1jax.aot --config=... --topology=cpu-8`.)
 """
 from __future__ import annotations
@@ -11,34 +13,19 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import sys
 import tempfile
-import time
 
-import jax
 import numpy as np
-import torch
-import transformers
 
-from o1jax import config as o1config, sharding
-from o1jax.convert import save_hf
-from o1jax.data import batching
-from o1jax.training import sources
-from o1jax.training.flops import measured_matmul_peak
-from o1jax.training.trainer import Trainer
+from o1jax.bench import protocol
+
+CONFIGS = ("tiny_cpu", "smollm2_135m")
+SIDES = ("o1jax", "pytorch")
 
 
-def _rss_gib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _median_time(fn, steps: int) -> float:
-  fn()  # compile / warm up
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+def _rss_gib() -> dict:
+  return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def torch_contrastive_step(model, optimizer, batch, *, tau: float, group_size: int, w_ctr: float, w_gen: float,
@@ -48,6 +35,7 @@ def torch_contrastive_step(model, optimizer, batch, *, tau: float, group_size: i
   w_ctr * L_ctr + w_gen * L_gen, clipping of the trainable parameters, the optimizer's update. `batch` holds the
   batch contract's fields as int64 tensors on the model's device; `autocast_dtype` (e.g. torch.bfloat16) runs
   the forward and backward under autocast (fp32 master weights, bf16 compute). Returns the loss (a host sync)."""
+  import torch
   device = batch["query_ids"].device
 
   def embed(hidden, mask):
@@ -79,6 +67,8 @@ def torch_contrastive_step(model, optimizer, batch, *, tau: float, group_size: i
 def torch_step_fn(model_dir: str, config, batch: dict[str, np.ndarray]):
   """The o1jax step in PyTorch `LlamaForCausalLM` (fp32, full fine-tuning): `torch_contrastive_step` on the
   weights saved in `model_dir`."""
+  import torch
+  import transformers
   t, o = config.train, config.optim
   model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
   model.train()
@@ -88,9 +78,16 @@ def torch_step_fn(model_dir: str, config, batch: dict[str, np.ndarray]):
                                         w_gen=t.w_gen, clip_norm=o.clip_norm)
 
 
-def bench_config(name: str, overrides: list[str], steps: int, peak: float) -> None:
-  config = o1config.load([f"--config=configs/{name}.py", "--config.train.finetune=full",
-                          "--config.checkpoint.dir=", *overrides])
+def _setup(name: str, gguf: str):
+  """The config, run settings, model, host batch and trainer of config `name` (full fine-tuning, one mesh)."""
+  import jax
+  from o1jax import config as o1config, sharding
+  from o1jax.data import batching
+  from o1jax.training import sources
+  from o1jax.training.trainer import Trainer
+  overrides = [f"--config.model.path={gguf}"] if name == "smollm2_135m" else []
+  config = o1config.load([f"--config=configs/{name}.py", "--config.train.finetune=full", "--config.checkpoint.dir=",
+                          *overrides])
   with config.unlocked():
     config.mesh.update(data=1, fsdp=-1, tensor=1)
   o1config.validate(config, jax.device_count())
@@ -98,46 +95,98 @@ def bench_config(name: str, overrides: list[str], steps: int, peak: float) -> No
   model_cfg, params, tokenizer, special = sources.build_model(run.model, run.data)
   host = batching.Batcher(sources.load_records(run.data), tokenizer, special, run.batch).batch(0)
   trainer = Trainer(model_cfg, run.trainer, sharding.make_mesh(config.mesh), special)
-  state = trainer.init_state(jax.random.key(run.seed), params)
-  batch = trainer.shard_batch(host)
-  holder = {"state": state}
+  return config, run, model_cfg, params, host, trainer
 
-  def jax_step():
+
+def o1jax_side(name: str, gguf: str) -> protocol.Workload:
+  import jax
+  _, run, model_cfg, params, host, trainer = _setup(name, gguf)
+  holder = {"state": trainer.init_state(jax.random.key(run.seed), params)}
+  batch = trainer.shard_batch(host)
+
+  def step():
     holder["state"], metrics = trainer.step(holder["state"], batch)
     jax.block_until_ready(metrics)
 
-  rss_before = _rss_gib()
-  jax_time = _median_time(jax_step, steps)
-  rss_jax = _rss_gib()
   shape = run.batch.shape()
-  tokens, flops = shape.tokens(), trainer.flops_per_step(shape)
-  print(f"[{name}] o1jax: {jax_time * 1e3:.1f} ms/step, {tokens / jax_time:,.0f} tokens/s, "
-        f"{flops / jax_time / 1e9:.2f} GFLOP/s = {flops / jax_time / peak:.3f} of the matmul peak, "
-        f"peak RSS {rss_jax:.2f} GiB (+{rss_jax - rss_before:.2f} in the step loop)")
-  if model_cfg.family != "llama":
-    return
+  return protocol.Workload(run=step, after=_rss_gib, info={
+      "tokens": shape.tokens(), "flops_per_step": trainer.flops_per_step(shape), "family": model_cfg.family,
+      "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"})
+
+
+def pytorch_side(name: str, gguf: str) -> protocol.Workload:
+  import torch
+  import jax
+  from o1jax.convert import save_hf
+  config, run, model_cfg, params, host, trainer = _setup(name, gguf)
+  # The o1jax side's initial weights: the same seed (tiny_cpu initialises in init_state) or GGUF.
+  params = jax.device_get(trainer.init_state(jax.random.key(run.seed), params)["params"])
   with tempfile.TemporaryDirectory() as tmp:
     model_dir = os.path.join(tmp, "model")
-    save_hf(model_cfg, jax.device_get(holder["state"]["params"]), model_dir)
-    torch_step = torch_step_fn(model_dir, config, host)
-  torch_time = _median_time(torch_step, steps)
-  print(f"[{name}] PyTorch LlamaForCausalLM ({torch.get_num_threads()} threads): {torch_time * 1e3:.1f} ms/step, "
-        f"{tokens / torch_time:,.0f} tokens/s, {flops / torch_time / peak:.3f} of the matmul peak, "
-        f"peak RSS {_rss_gib():.2f} GiB")
-  print(f"[{name}] o1jax speed-up over PyTorch: {torch_time / jax_time:.2f}x")
+    save_hf(model_cfg, params, model_dir)
+    del params
+    step = torch_step_fn(model_dir, config, host)
+  return protocol.Workload(run=step, after=_rss_gib, info={"threads": torch.get_num_threads()})
 
 
 def main(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(prog="python -m o1jax.bench train")
+  parser = argparse.ArgumentParser(prog="python -m o1jax.bench train", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--gguf", default="", help="SmolLM2-135M-Instruct GGUF file (default: from O1JAX_SHARED)")
-  parser.add_argument("--steps", type=int, default=5, help="timed steps per implementation (median reported)")
+  parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
+  parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (each side once per round)")
+  parser.add_argument("--steps", type=int, default=3, help="timed steps per side per round (median)")
+  parser.add_argument("--round_seconds", type=float, default=2.0,
+                      help="more steps per round until a round lasts this long (tiny_cpu's steps take ms)")
+  parser.add_argument("--json", default="", help="write every figure, the machine and the verdicts here")
+  parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+  parser.add_argument("--worker_config", choices=CONFIGS, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  configs = [c for c in args.configs.split(",") if c]
+  if not configs or any(c not in CONFIGS for c in configs):
+    parser.error(f"--configs: expected a subset of {','.join(CONFIGS)}, got {args.configs!r}")
+  if min(args.rounds, args.steps) < 1:
+    parser.error("--rounds and --steps must be >= 1")
+  shared = os.environ.get("O1JAX_SHARED")
+  gguf = args.gguf or (os.path.join(shared, "data", "smollm2-135m-instruct-gguf", "SmolLM2-135M-Instruct.Q4_1.gguf")
+                       if shared else "")
+  if gguf and not os.path.isfile(gguf):
+    parser.error(f"--gguf: no such file: {gguf}")
+  if args.worker:
+    side = o1jax_side if args.worker == "o1jax" else pytorch_side
+    protocol.serve(lambda: side(args.worker_config, gguf), args.steps, args.round_seconds)
+    return
+
+  from o1jax.training.flops import measured_matmul_peak
   peak = measured_matmul_peak()
-  print(f"{jax.device_count()} x {jax.devices()[0].device_kind}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
-  bench_config("tiny_cpu", [], args.steps, peak)
-  gguf = args.gguf or (os.path.join(os.environ["O1JAX_SHARED"], "data", "smollm2-135m-instruct-gguf",
-                                    "SmolLM2-135M-Instruct.Q4_1.gguf") if os.environ.get("O1JAX_SHARED") else "")
-  if gguf:
-    bench_config("smollm2_135m", [f"--config.model.path={gguf}"], args.steps, peak)
-  else:
-    print("smollm2_135m skipped: pass --gguf=FILE or set O1JAX_SHARED")
+  print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+  results = {}
+  for name in configs:
+    if name == "smollm2_135m" and not gguf:
+      print("smollm2_135m skipped: pass --gguf=FILE or set O1JAX_SHARED")
+      continue
+    sides = tuple(protocol.Side(s, [sys.executable, "-m", "o1jax.bench", "train", f"--worker={s}",
+                                    f"--worker_config={name}", f"--gguf={gguf}", f"--steps={args.steps}",
+                                    f"--round_seconds={args.round_seconds}"])
+                  for s in SIDES)
+    try:
+      result = protocol.compare(sides, args.rounds)
+    except RuntimeError as e:
+      sys.exit(f"train [{name}]: {e}")
+    info = result["info"]["o1jax"]
+    tokens, flops = info["tokens"], info["flops_per_step"]
+    figures = {}
+    for side, s in result["sides"].items():
+      rss = max(r["after"][side]["peak_rss_gib"] for r in result["rounds"])
+      figures[side] = {"ms_per_step": 1e3 * s["median"], "tokens_per_s": tokens / s["median"],
+                       "matmul_peak_fraction": flops / s["median"] / peak, "peak_rss_gib": rss}
+      print(f"[{name}] {side:8s} {1e3 * s['median']:8.1f} ms/step (rounds {1e3 * s['min']:.1f}-{1e3 * s['max']:.1f})"
+            f", {tokens / s['median']:,.0f} tokens/s, {flops / s['median'] / peak:.3f} of the matmul peak, "
+            f"peak RSS {rss:.2f} GiB")
+    print(f"[{name}] " + protocol.describe(result, "speed-up o1jax over PyTorch"))
+    results[name] = {"tokens_per_step": tokens, "flops_per_step": flops, "figures": figures, "comparison": result}
+  if args.json:
+    protocol.write_json(args.json, "train", {
+        "settings": {"finetune": "full", "rounds": args.rounds, "steps": args.steps,
+                     "round_seconds": args.round_seconds, "gguf": os.path.basename(gguf)},
+        "matmul_peak_flops": peak, "configs": results})
