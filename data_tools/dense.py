@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import os
 import pathlib
-import sys
 from typing import Any
 
 import numpy as np
@@ -197,11 +196,3 @@ def set_aside(job: Job, query_id: str, problem: str, bad: dict[str, str]) -> Non
   if not job.args.skip_bad:
     raise ValueError(f"query {query_id!r}: {problem} (--skip_bad leaves such queries out)")
   bad[query_id] = problem
-
-
-def run(prog: str, main: Callable[[Sequence[str]], Any], argv: Sequence[str]) -> None:
-  """A command line: bad input ends it with one line and exit status 1."""
-  try:
-    main(argv)
-  except (ValueError, OSError) as e:
-    sys.exit(f"{prog}: {' '.join(str(e).splitlines())}")

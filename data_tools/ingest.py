@@ -279,15 +279,12 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   return shards.write_shards(
       args.out, args.split, args.num_shards, args.num_workers, args.worker_index, loaded.entries,
       lambda: Ingester(args, loaded).records, output_config(args), args.queries_per_batch, "ingest",
-      retry_errors=(explore.ExpertUnavailable,), retry_hint=" once the expert answers")
+      **options.EXPERT_RETRY)
 
 
 def run(argv: Sequence[str]) -> None:
   """The command line: bad input and an unavailable expert end it with one line and exit status 1."""
-  try:
-    main(argv)
-  except (ValueError, OSError, explore.ExpertError) as e:
-    sys.exit(f"{PROG}: {' '.join(str(e).splitlines())}")
+  shards.run_command(PROG, main, argv, options.EXPERT_ERRORS)
 
 
 def cli() -> None:

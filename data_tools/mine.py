@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from data_tools import dense
+from data_tools import shards
 from data_tools.inputs import stable_hash
 from data_tools.record import ThoughtRecord
 from o1jax.data import readers
@@ -142,7 +143,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
 
 def cli() -> None:
   """`python -m data_tools.mine`: bad input ends it with one line and exit status 1."""
-  dense.run(PROG, main, sys.argv[1:])
+  shards.run_command(PROG, main, sys.argv[1:])
 
 
 if __name__ == "__main__":

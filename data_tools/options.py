@@ -18,6 +18,10 @@ from data_tools.committee import BM25Member, Committee, Member, sentence_transfo
 from data_tools.inputs import TrainQuery
 
 MEMBERS = ("bm25", "st")
+# An unavailable expert stops a shard-writing command resumably (`shards.write_shards`), and ends the command line
+# with one line like bad input (`shards.run_command`).
+EXPERT_RETRY = {"retry_errors": (explore.ExpertUnavailable,), "retry_hint": " once the expert answers"}
+EXPERT_ERRORS = (ValueError, OSError, explore.ExpertError)
 EXPERT_RUNTIME_ONLY = ("concurrency", "timeout_s", "max_attempts", "api_key_env", "base_url")
 
 

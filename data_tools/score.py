@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from data_tools import dense
+from data_tools import shards
 from data_tools.record import ThoughtRecord
 
 PROG = "python -m data_tools.score"
@@ -77,7 +78,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
 
 def cli() -> None:
   """`python -m data_tools.score`: bad input ends it with one line and exit status 1."""
-  dense.run(PROG, main, sys.argv[1:])
+  shards.run_command(PROG, main, sys.argv[1:])
 
 
 if __name__ == "__main__":

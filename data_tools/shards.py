@@ -95,6 +95,16 @@ def write_manifest(out: storage.PathLike, split: str, num_shards: int,
   return manifest
 
 
+def run_command(prog: str, main: Callable[[Sequence[str]], Any], argv: Sequence[str],
+                errors: tuple[type[Exception], ...] = (ValueError, OSError)) -> None:
+  """The command line of a shard-writing tool: `errors` (bad input; an unavailable expert) end it with one line
+  naming the tool and exit status 1."""
+  try:
+    main(argv)
+  except errors as e:
+    sys.exit(f"{prog}: {' '.join(str(e).splitlines())}")
+
+
 def write_shards(out: storage.PathLike, split: str, num_shards: int, num_workers: int, worker_index: int,
                  items: Sequence[Keyed], make_records: Callable[[], MakeRecords], config: dict[str, Any],
                  batch: int, desc: str, retry_errors: tuple[type[Exception], ...] = (),

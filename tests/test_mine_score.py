@@ -274,7 +274,7 @@ def test_output_directory_refuses_other_settings(data, mined):
 
 def one_line_exit(module, argv, capsys):
   with pytest.raises(SystemExit) as exit_info:
-    dense.run(module.PROG, module.main, argv)
+    shards.run_command(module.PROG, module.main, argv)
   message = str(exit_info.value.code)
   assert "\n" not in message and message.startswith(module.PROG + ": ")
   return message[len(module.PROG) + 2:]
