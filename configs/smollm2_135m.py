@@ -15,6 +15,7 @@ def get_config(arg=None):
   c = o1config.base_config()
   c.model.source = "gguf"
   c.model.path = ""  # the user's GGUF file
+  c.model.unroll_layers = True  # straight-line layers: faster CPU steps (see o1jax.model.ModelConfig)
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   c.train.update(steps=200, batch_queries=8, group_size=4, finetune="full", train_embeddings=False)
   c.train.lengths.update(query=16, query_thought=48, doc=48)

@@ -23,6 +23,7 @@ def get_config(arg=None):
   c = o1config.base_config()
   c.model.source = "gguf"
   c.model.path = ""  # the SmolLM2-135M-Instruct GGUF file
+  c.model.unroll_layers = True  # straight-line layers: faster CPU steps (see o1jax.model.ModelConfig)
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   c.train.update(steps=50, batch_queries=16, group_size=2, finetune="full", train_special_tokens=True,
                  train_embeddings=False)

@@ -14,6 +14,7 @@ def get_config(arg=None):
   c.model.source = "random"
   c.model.arch.update(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=16)
+  c.model.unroll_layers = True  # straight-line layers: faster CPU steps (see o1jax.model.ModelConfig)
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   c.train.update(steps=300, batch_queries=16, group_size=4, tau=0.05, w_ctr=1.0, w_gen=1.0, finetune="full",
                  train_embeddings=True)

@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
       param_dtype="float32",
       remat_policy="none",  # what each layer keeps for the backward pass (o1jax.model.REMAT_POLICIES)
       attention="auto",  # einsum | xla | cudnn | auto (cuDNN where it can run): o1jax.model.attention
+      unroll_layers=False,  # straight-line layers: faster CPU steps, compile time grows with depth
   )
   # Sizes within a slice (one may be -1: the rest of the slice's devices); dcn_data: slices joined over the
   # data-center network, the data axis spanning them (o1jax.sharding: multi-slice).
@@ -199,7 +200,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
   if not arch["vocab_size"]:
     arch["vocab_size"] = vocab_size
   return ModelConfig(**arch, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                     remat_policy=config.model.remat_policy, attention=config.model.attention)
+                     remat_policy=config.model.remat_policy, attention=config.model.attention,
+                     unroll_layers=config.model.unroll_layers)
 
 
 def _type_problem(value, reference) -> str | None:
@@ -267,7 +269,8 @@ def _path_problems(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def _arch_problems(config: ml_collections.ConfigDict) -> list[str]:
-  fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"dtype", "param_dtype", "remat_policy", "attention"}
+  runtime = {"dtype", "param_dtype", "remat_policy", "attention", "unroll_layers"}
+  fields = {f.name for f in dataclasses.fields(ModelConfig)} - runtime
   unknown = sorted(set(config.model.arch) - fields)
   if unknown:
     return [f"config.model.arch.{k}: unknown key (ModelConfig fields: {', '.join(sorted(fields))})" for k in unknown]

