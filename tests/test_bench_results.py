@@ -124,6 +124,13 @@ def test_a_real_ab_run_of_two_worker_processes():
   assert result["verdict"] in ("clean", "noisy") and json.dumps(result)
 
 
+def test_a_suite_judges_every_workload_by_the_load_before_its_first():
+  # The second workload of a suite starts under the load average its first one left behind.
+  result = protocol.compare((_side("a", 0.01), _side("b", 0.01)), rounds=1, pause=0, load_before=1e6)
+  assert result["load_before"] == 1e6 and result["verdict"] == "noisy"
+  assert any("before the run" in reason for reason in result["reasons"])
+
+
 def test_a_dead_worker_is_one_error():
   with pytest.raises(RuntimeError, match="the broken worker exited with status 3"):
     protocol.compare((_side("fine", 0.01), _side("broken", -1)), rounds=1, pause=0)

@@ -218,11 +218,14 @@ class _Worker:
         self.proc.wait()
 
 
-def compare(sides: tuple[Side, Side], rounds: int, *, pause: float = 1.0, limits: Thresholds = Thresholds()) -> dict:
-  """Runs the protocol above; raises RuntimeError when a worker dies."""
+def compare(sides: tuple[Side, Side], rounds: int, *, pause: float = 1.0, limits: Thresholds = Thresholds(),
+            load_before: float | None = None) -> dict:
+  """Runs the protocol above; raises RuntimeError when a worker dies. A suite comparing several workloads passes
+  the load it saw before its first one: later load averages still hold the earlier workloads' own work."""
   if rounds < 1:
     raise ValueError("rounds must be >= 1")
-  load_before = load_average()
+  if load_before is None:
+    load_before = load_average()
   workers = []
   try:
     info = {}

@@ -158,6 +158,7 @@ def main(argv: list[str]) -> None:
     return
 
   from o1jax.training.flops import measured_matmul_peak
+  load_before = protocol.load_average()  # before the peak measurement and every config's workers
   peak = measured_matmul_peak()
   print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
   results = {}
@@ -170,7 +171,7 @@ def main(argv: list[str]) -> None:
                                     f"--round_seconds={args.round_seconds}"])
                   for s in SIDES)
     try:
-      result = protocol.compare(sides, args.rounds)
+      result = protocol.compare(sides, args.rounds, load_before=load_before)
     except RuntimeError as e:
       sys.exit(f"train [{name}]: {e}")
     info = result["info"]["o1jax"]
