@@ -1,12 +1,15 @@
 """`python -m launch.report --run=DIR [--out=DIR]`: a recipe run's results as one table and one figure.
 
-Reads what `launch/scifact.sh` leaves in the run directory:
-  eval/<name>/summary.json   `python -m o1jax.eval --out` of each evaluated checkpoint (o1jax rows are labelled
-                             "<name>, think=K" / "<name>, no thinking"; baselines are listed once)
-  train_metrics.jsonl        the trainer's logged steps (`--config.log.jsonl`)
-  stages/<stage>.seconds     the wall time of each stage
-and writes results.md (the table and the wall times, as pasted into the README) and results.png (training
-curves and nDCG@10 bars), printing the table. Run it from the repository root.
+Reads what `launch/recipe.sh` (and `launch/scifact.sh`) leaves in the run directory:
+  eval/<name>/summary.json     `python -m o1jax.eval --out` of each evaluated checkpoint (o1jax rows are labelled
+                               "<name>, think=K" / "<name>, no thinking"; baselines are listed once)
+  eval/<name>/compare-*.json   `python -m o1jax.eval.compare --json` of two of those runs (optional)
+  train_metrics.jsonl          the trainer's logged steps (`--config.log.jsonl`)
+  train_contrastive_metrics.jsonl  the same for the model trained without thoughts (optional)
+  stages/<stage>.seconds       the wall time of each stage
+and writes results.md (the table, the paired comparisons with their commands and the wall times, as pasted into
+the README) and results.png (training curves and nDCG@10 bars), printing the table. Run it from the repository
+root.
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ from collections.abc import Sequence
 from o1jax.files import atomic_write_text
 
 MEASURES = (("ndcg@10", "nDCG@10"), ("mrr@10", "MRR@10"), ("recall@100", "Recall@100"))
-STAGE_ORDER = ("thoughts", "convert", "untrained", "train", "trained")
+STAGE_ORDER = ("thoughts", "convert", "untrained", "train", "trained", "train_contrastive", "contrastive")
+# Table order of the evaluated checkpoints (eval/<name>): the thinking model, its ablation, then the start point.
+FOLDER_ORDER = ("trained", "contrastive-only", "untrained")
 
 
 @dataclasses.dataclass
@@ -30,6 +35,8 @@ class RunResults:
   steps: list[dict[str, float]]  # the logged training steps
   stage_seconds: dict[str, int]
   ours: list[str]  # the rows of o1jax checkpoints (the others are baselines)
+  contrastive_steps: list[dict[str, float]]  # the logged steps of the model trained without thoughts, if any
+  comparisons: list[dict]  # `python -m o1jax.eval.compare --json` results, if any
 
 
 def _label(folder: str, system: str) -> str | None:
@@ -43,7 +50,9 @@ def _label(folder: str, system: str) -> str | None:
 def collect(run: str | pathlib.Path) -> RunResults:
   """Everything `render_markdown` and `render_figure` need, from a run directory."""
   run = pathlib.Path(run)
-  summaries = sorted(run.glob("eval/*/summary.json"))
+  folder_rank = {name: i for i, name in enumerate(FOLDER_ORDER)}
+  summaries = sorted(run.glob("eval/*/summary.json"),
+                     key=lambda p: (folder_rank.get(p.parent.name, len(folder_rank)), p.parent.name))
   if not summaries:
     raise FileNotFoundError(f"{run}/eval/*/summary.json: no evaluation results")
   ours: dict[str, dict[str, float]] = {}
@@ -60,8 +69,31 @@ def collect(run: str | pathlib.Path) -> RunResults:
         baselines.setdefault(system, values)
       else:
         ours[label] = values
+  seconds = {p.stem: int(p.read_text()) for p in (run / "stages").glob("*.seconds")}
+  order = {name: i for i, name in enumerate(STAGE_ORDER)}
+  seconds = dict(sorted(seconds.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+  comparisons = []
+  for path in sorted(run.glob("eval/*/compare-*.json")):
+    try:
+      comparison = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not a JSON file of `python -m o1jax.eval.compare --json` ({e})") from e
+    missing = [key for key in COMPARISON_KEYS if key not in comparison] if isinstance(comparison, dict) else ["keys"]
+    if missing:
+      raise ValueError(f"{path}: not a JSON file of `python -m o1jax.eval.compare --json` (no {', '.join(missing)})")
+    comparisons.append(comparison)
+  return RunResults({**ours, **baselines}, _logged_steps(run / "train_metrics.jsonl"), seconds, list(ours),
+                    _logged_steps(run / "train_contrastive_metrics.jsonl"), comparisons)
+
+
+# What the report quotes of a comparison, all written by `python -m o1jax.eval.compare --json`.
+COMPARISON_KEYS = ("names", "measure", "queries", "wins", "ties", "losses", "mean_a", "mean_b", "mean_difference",
+                   "confidence", "ci_low", "ci_high", "randomization_pvalue", "t_pvalue", "command")
+
+
+def _logged_steps(log: pathlib.Path) -> list[dict[str, float]]:
+  """The trainer's JSONL log, one record per step; [] when there is none."""
   steps = []
-  log = run / "train_metrics.jsonl"
   if log.exists():
     for number, line in enumerate(log.read_text().splitlines(), 1):
       try:
@@ -69,11 +101,7 @@ def collect(run: str | pathlib.Path) -> RunResults:
       except json.JSONDecodeError as e:
         raise ValueError(f"{log}:{number}: not a JSON line ({e})") from e
   # A resumed training run logs the steps after its checkpoint again: the last record of a step wins.
-  steps = sorted({int(s["step"]): s for s in steps}.values(), key=lambda s: s["step"])
-  seconds = {p.stem: int(p.read_text()) for p in (run / "stages").glob("*.seconds")}
-  order = {name: i for i, name in enumerate(STAGE_ORDER)}
-  seconds = dict(sorted(seconds.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
-  return RunResults({**ours, **baselines}, steps, seconds, list(ours))
+  return sorted({int(s["step"]): s for s in steps}.values(), key=lambda s: s["step"])
 
 
 def render_markdown(results: RunResults) -> str:
@@ -82,6 +110,18 @@ def render_markdown(results: RunResults) -> str:
   for system, values in results.rows.items():
     lines.append(f"| {system} | " + " | ".join(f"{values[m]:.4f}" if m in values else "-" for m, _ in MEASURES)
                  + " |")
+  if results.comparisons:
+    lines += ["", "Paired comparisons (`python -m o1jax.eval.compare`: randomization test over sign flips, paired "
+                  "t-test):", "",
+              "| A vs B | measure | queries | wins / ties / losses | mean A - B | CI | randomization p | t-test p |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for c in results.comparisons:
+      interval = "-" if c["ci_low"] is None else f"{c['ci_low']:+.4f} to {c['ci_high']:+.4f} ({c['confidence']:.0%})"
+      t_p = "-" if c["t_pvalue"] is None else f"{c['t_pvalue']:.4f}"
+      lines.append(f"| {c['names'][0]} vs {c['names'][1]} | {c['measure']} | {c['queries']} | "
+                   f"{c['wins']} / {c['ties']} / {c['losses']} | {c['mean_difference']:+.4f} | {interval} | "
+                   f"{c['randomization_pvalue']:.4f} | {t_p} |")
+    lines += ["", "```bash", *(c["command"] for c in results.comparisons), "```"]
   if results.stage_seconds:
     total = sum(results.stage_seconds.values())
     times = ", ".join(f"{name} {s / 60:.1f}" for name, s in results.stage_seconds.items())
@@ -90,6 +130,10 @@ def render_markdown(results: RunResults) -> str:
     last = results.steps[-1]
     lines += ["", f"Training: {int(last['step'])} steps; last step loss_ctr {last['loss_ctr']:.4f}, "
                   f"loss_gen {last['loss_gen']:.4f}, in-batch top-1 accuracy {last['acc_top1']:.3f}."]
+  if results.contrastive_steps:
+    last = results.contrastive_steps[-1]
+    lines += ["", f"Training without thoughts: {int(last['step'])} steps; last step loss_ctr {last['loss_ctr']:.4f}, "
+                  f"in-batch top-1 accuracy {last['acc_top1']:.3f}."]
   return "\n".join(lines) + "\n"
 
 
@@ -103,6 +147,9 @@ def render_figure(results: RunResults, path: str | pathlib.Path) -> None:
     x = [s["step"] for s in results.steps]
     for key, color in (("loss_ctr", "tab:blue"), ("loss_gen", "tab:orange")):
       curves.plot(x, [s[key] for s in results.steps], label=key, color=color)
+    if results.contrastive_steps:
+      curves.plot([s["step"] for s in results.contrastive_steps], [s["loss_ctr"] for s in results.contrastive_steps],
+                  label="loss_ctr, no thoughts", color="tab:purple")
     curves.set_xlabel("step")
     curves.set_ylabel("loss")
     accuracy = curves.twinx()
@@ -122,7 +169,7 @@ def render_figure(results: RunResults, path: str | pathlib.Path) -> None:
   bars.invert_yaxis()
   bars.set_xlim(0, max(values + [0.1]) * 1.2)
   bars.set_xlabel("nDCG@10")
-  bars.set_title("SciFact test")
+  bars.set_title("test queries")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -130,7 +177,7 @@ def render_figure(results: RunResults, path: str | pathlib.Path) -> None:
 
 def main(argv: Sequence[str]) -> RunResults:
   p = argparse.ArgumentParser(prog="python -m launch.report", description=__doc__.splitlines()[0])
-  p.add_argument("--run", required=True, help="the run directory of launch/scifact.sh")
+  p.add_argument("--run", required=True, help="the run directory of launch/recipe.sh")
   p.add_argument("--out", help="where results.md and results.png go (default: the run directory)")
   args = p.parse_args(argv)
   results = collect(args.run)

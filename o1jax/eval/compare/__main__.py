@@ -8,7 +8,7 @@ that `python -m o1jax.eval` knows (`ndcg@10`, `mrr@10`, `recall@100`, or a trec_
 `map`, `P_5`). The runs are compared on the judged queries they hold; both must hold the same ones. Run queries
 without judgements are left out, as trec_eval leaves them out. Prints wins / ties / losses of A against B, the mean
 difference A - B with its confidence interval (t distribution), the paired randomization test p-value and the
-paired t-test; `--json` also writes them.
+paired t-test; `--json` also writes them, with the command that produced them.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import os
 import pathlib
+import shlex
 import sys
 from typing import Sequence
 
@@ -141,8 +142,10 @@ def main(argv: Sequence[str]) -> Comparison:
   for note in notes:
     print(f"note: {note}")
   if args.json is not None:
+    # The command as typed, so a report quoting the p-value can say how to reproduce it.
     payload = {**dataclasses.asdict(result), "runs": [os.path.abspath(args.run_a), os.path.abspath(args.run_b)],
-               "qrels": os.path.abspath(args.qrels), "notes": notes}
+               "qrels": os.path.abspath(args.qrels), "notes": notes,
+               "command": shlex.join(["python", "-m", "o1jax.eval.compare", *argv])}
     try:
       atomic_write_json(pathlib.Path(args.json), payload)
     except OSError as e:

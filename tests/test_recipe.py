@@ -1,9 +1,12 @@
-"""The SciFact recipe (`launch/scifact.sh`, README "Results"): the script runs every stage for real on a SciFact
-subset with SmolLM2-135M and reports one table; a second run skips finished stages; the committed results are what
-the report renders, and the README shows them; the report names bad input.
+"""The thinking ablation recipe (`launch/recipe.sh`; `launch/scifact.sh` is its SciFact preset, README "Results"):
+the script runs every stage for real on a SciFact subset with SmolLM2-135M, both trained arms and both paired
+comparisons included, and reports one table; a second run skips finished stages; the CoSQA preset's commands are
+checked dry; the committed results are what the report renders, and the README shows them; the report names bad
+input.
 """
 import json
 import pathlib
+import shlex
 import shutil
 import subprocess
 
@@ -12,13 +15,18 @@ import pytest
 from launch import report
 from o1jax import config as o1config
 from o1jax.data.readers import load_beir
+from o1jax.eval.compare.__main__ import main as compare_main
 from test_launch import clean_env  # pylint: disable=wrong-import-order  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.e2e
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "launch" / "results" / "scifact"
-ROWS = ["trained, think=3", "trained, no thinking", "untrained, no thinking", "BM25", "MiniLM-L6-v2"]
+ROWS = ["trained, think=3", "trained, no thinking", "contrastive-only, no thinking", "untrained, no thinking", "BM25",
+        "MiniLM-L6-v2"]
+# The committed SciFact run predates the contrastive-only arm and the comparisons.
+COMMITTED_ROWS = [row for row in ROWS if not row.startswith("contrastive-only")]
+COMMITTED_STAGES = ("thoughts", "convert", "untrained", "train", "trained")
 
 
 def write_subset(full, directory: pathlib.Path, train_ids, test_ids, other_docs: int) -> pathlib.Path:
@@ -68,12 +76,33 @@ def test_every_stage_runs_and_the_report_is_one_table(quick_run):
   results = report.collect(out)
   assert list(results.rows) == ROWS
   assert [s["step"] for s in results.steps] == [1, 2]
+  # The contrastive-only arm trains the same steps with no thought token in any query and no behaviour-cloning loss.
+  assert [s["step"] for s in results.contrastive_steps] == [1, 2]
+  assert all(s["gen_tokens"] == 0 and s["loss_gen"] == 0 for s in results.contrastive_steps)
+  assert all(s["gen_tokens"] > 0 and s["loss_gen"] > 0 for s in results.steps)
   markdown = (out / "results.md").read_text()
   assert markdown == report.render_markdown(results) and markdown in proc.stdout
   # The table's numbers are those the evaluation CLI wrote.
   trained = json.loads((out / "eval" / "trained" / "summary.json").read_text())["metrics"]
   assert f"| trained, think=3 | {trained['o1jax think=3']['ndcg@10']:.4f} |" in markdown
   assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_both_comparisons_are_of_the_evaluated_runs_and_their_commands_reproduce_them(quick_run):
+  out, _, proc = quick_run
+  results = report.collect(out)
+  assert [c["names"] for c in results.comparisons] == [["think=3", "contrastive-only"], ["think=3", "no-think"]]
+  markdown = (out / "results.md").read_text()
+  for comparison in results.comparisons:
+    # The means compared are the table's nDCG@10 (each from its own run file, through pytrec_eval both times).
+    other = {"no-think": "trained, no thinking", "contrastive-only": "contrastive-only, no thinking"}
+    assert comparison["mean_a"] == pytest.approx(results.rows["trained, think=3"]["ndcg@10"], abs=1e-12)
+    assert comparison["mean_b"] == pytest.approx(results.rows[other[comparison["names"][1]]]["ndcg@10"], abs=1e-12)
+    assert comparison["queries"] == 4
+    assert f"| {comparison['randomization_pvalue']:.4f} |" in markdown and comparison["command"] in markdown
+    argv = shlex.split(comparison["command"])
+    assert argv[:3] == ["python", "-m", "o1jax.eval.compare"]
+    assert compare_main(argv[3:]).randomization_pvalue == comparison["randomization_pvalue"]
 
 
 def test_a_second_run_skips_finished_stages_and_retraining_reproduces_the_table(quick_run, shared_dir):
@@ -86,7 +115,8 @@ def test_a_second_run_skips_finished_stages_and_retraining_reproduces_the_table(
   (out / "train_metrics.jsonl").unlink()
   proc = recipe(shared_dir, out, dataset)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  assert proc.stderr.count("done in an earlier run") == 3  # thoughts, convert, untrained
+  # thoughts, convert, untrained, train_contrastive, contrastive
+  assert proc.stderr.count("done in an earlier run") == 5
   after = report.collect(out)
   assert after.rows == before.rows  # same config and seed: the same metrics, to the last digit
   assert [s["loss"] for s in after.steps] == [s["loss"] for s in before.steps]
@@ -97,6 +127,45 @@ def test_missing_shared_data_is_named(tmp_path):
                         cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60)
   assert proc.returncode == 2
   assert f"{tmp_path}/data/beir-scifact/qrels/train.tsv not found" in proc.stderr
+  assert len(proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("option, message", [("--preset=msmarco", "--preset=msmarco: unknown preset"),
+                                             ("--doc_tokens=0", "--doc_tokens=0: not a positive integer"),
+                                             ("--train_split=nope", "qrels/nope.tsv not found")])
+def test_bad_options_are_named(shared_dir, tmp_path, option, message):
+  proc = subprocess.run(["bash", "launch/recipe.sh", f"--shared={shared_dir}", f"--out={tmp_path}", option],
+                        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_cosqa_preset_trains_on_dev_and_evaluates_on_test(shared_dir, tmp_path):
+  out = tmp_path / "run"
+  proc = subprocess.run(["bash", "launch/recipe.sh", "--preset=cosqa", f"--shared={shared_dir}", f"--out={out}",
+                         "--dry-run"], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  commands = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+  modules = [c[2] for c in commands]
+  assert modules == ["data_tools.synthesize", "o1jax.convert", "o1jax.eval", "o1jax.train", "o1jax.eval", "o1jax.train",
+                     "o1jax.eval", "o1jax.eval.compare", "o1jax.eval.compare", "launch.report"]
+  cosqa = shared_dir / "data" / "cosqa-retrieval"
+  assert f"--dataset={cosqa}" in commands[0] and "--split=dev" in commands[0]
+  for evaluation in (commands[2], commands[4], commands[6]):
+    assert {f"--dataset={cosqa}", "--split=test", "--doc_tokens=128"} <= set(evaluation)
+  assert all(f"--qrels={cosqa}/qrels/test.tsv" in c for c in commands[7:9])
+  # The dev queries that train and the test queries that evaluate are different queries.
+  dev, test = load_beir(cosqa, "dev"), load_beir(cosqa, "test")
+  assert (len(dev.queries), len(test.queries)) == (500, 500) and not set(dev.queries) & set(test.queries)
+  # Both trainings validate; they differ only in the objective.
+  (out / "thoughts").mkdir(parents=True)
+  (out / "thoughts" / "train-00000-of-00001.tfrecord").write_bytes(b"")
+  configs = [o1config.load([a for a in c[3:] if a.startswith("--config")]) for c in (commands[3], commands[5])]
+  for config in configs:
+    assert o1config.validate(config, device_count=1) == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert config.train.lengths.doc == 128
+  (thinking, contrastive) = (c.train.to_dict() for c in configs)
+  assert {k: (thinking[k], contrastive[k]) for k in thinking if thinking[k] != contrastive[k]} == {
+      "w_gen": (0.2, 0.0), "thought_drop": (0.1, 1.0)}
 
 
 def test_config_validates_with_the_shared_model(smollm2_gguf, tmp_path):
@@ -110,8 +179,9 @@ def test_config_validates_with_the_shared_model(smollm2_gguf, tmp_path):
 
 def test_committed_results_are_the_reports_rendering_and_in_the_readme():
   results = report.collect(RESULTS)
-  assert list(results.rows) == ROWS and results.ours == ROWS[:3]
-  assert sorted(results.stage_seconds) == sorted(report.STAGE_ORDER)
+  assert list(results.rows) == COMMITTED_ROWS and results.ours == COMMITTED_ROWS[:3]
+  assert list(results.stage_seconds) == list(COMMITTED_STAGES)
+  assert not results.comparisons and not results.contrastive_steps
   markdown = report.render_markdown(results)
   assert (RESULTS / "results.md").read_text() == markdown
   assert markdown in (ROOT / "README.md").read_text()
@@ -128,4 +198,9 @@ def test_report_names_bad_input(tmp_path):
     report.collect(tmp_path)
   (tmp_path / "eval" / "a" / "summary.json").write_text("{}")
   with pytest.raises(ValueError, match=r"eval/a/summary.json: not a summary.json"):
+    report.collect(tmp_path)
+  (tmp_path / "eval" / "a" / "summary.json").write_text(json.dumps({"metrics": {"BM25": {"ndcg@10": 0.5}}}))
+  (tmp_path / "train_metrics.jsonl").unlink()
+  (tmp_path / "eval" / "a" / "compare-b.json").write_text(json.dumps({"names": ["a", "b"]}))
+  with pytest.raises(ValueError, match=r"eval/a/compare-b.json: not a JSON file of .* \(no measure, queries"):
     report.collect(tmp_path)

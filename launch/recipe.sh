@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# The thinking ablation on one BEIR-layout dataset, end to end on one CPU machine: SmolLM2-135M thinks, trains and
+# retrieves, and the same model trained without thoughts shows what the thoughts add.
+#
+#   launch/recipe.sh [--preset=scifact|cosqa] [--shared=../shared] [--out=runs/PRESET] [--dataset=DIR]
+#                    [--train_split=NAME] [--test_split=NAME] [--doc_tokens=N] [--limit=N] [--shards=8] [--steps=N]
+#                    [--max_queries=N] [--dry-run] [-- TRAINER_OVERRIDES...]
+#
+# Presets (the options above override them):
+#   scifact  SHARED/data/beir-scifact: qrels/train.tsv (809 queries) trains, qrels/test.tsv (300) evaluates;
+#            documents cut to 64 tokens (title and first sentences of an abstract). launch/scifact.sh runs this.
+#   cosqa    SHARED/data/cosqa-retrieval (6,267 Python functions): qrels/dev.tsv (500 queries) trains,
+#            qrels/test.tsv (500) evaluates; documents cut to 128 tokens, which keep 94% of the functions whole
+#            (median 65 SmolLM2 tokens: 64 would cut half of them, and with them the identifiers in their bodies).
+#
+# Stages, each a documented CLI of its own (the commands are printed as they run):
+#   thoughts     data_tools.synthesize: SmolLM2-135M-Instruct writes k=2 thoughts per train query (zero-shot:
+#                in-context examples would double every prompt, and prefill is half the time), a BM25 +
+#                all-MiniLM-L6-v2 committee picks one, BM25 mines 7 hard negatives; 8 TFRecord shards.
+#   convert      o1jax.convert: the GGUF weights as a Hugging Face directory (the untrained model).
+#   untrained    o1jax.eval on the test split: the untrained model (GGUF weights, special tokens at the vocabulary
+#                mean) without thinking, BM25 and MiniLM.                                              (c)
+#   train        o1jax.train with configs/smollm2_135m_scifact.py on those shards: contrastive + behaviour cloning.
+#   trained      o1jax.eval: that model with 3 thoughts per query and without thinking.                (a)
+#   train_contrastive  the same config, shards and steps with w_gen=0 and thought_drop=1: every query is trained
+#                in its thought-dropped form and no loss is put on thoughts (contrastive only).
+#   contrastive  o1jax.eval: that model without thinking (it never learnt to think).                   (b)
+#   compare      o1jax.eval.compare, query by query on nDCG@10: (a) thinking against (a) without thinking, and
+#                against (b); each writes eval/trained/compare-<other>.json. Cheap, so rerun every time.
+#   report       launch.report: OUT/results.md (the table and the p-values) and OUT/results.png.
+# A finished stage leaves OUT/stages/NAME.seconds (its wall time) and is skipped when the script is run again;
+# an interrupted one resumes: synthesis keeps whole shards, training restores its last checkpoint, and document
+# embeddings are cached. --limit (train queries), --shards (each shard's last generation batch is padded to 64
+# prompts), --steps and --max_queries (test queries) make a quick run; --dataset replaces the preset's directory
+# (BEIR layout with qrels/TRAIN_SPLIT.tsv and qrels/TEST_SPLIT.tsv); arguments after `--` go to both trainings
+# (e.g. --config.train.batch_queries=8). Run it from the repository root.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+preset=scifact shared=../shared out="" dataset="" train_split="" test_split="" doc_tokens=""
+limit="" shards=8 steps="" max_queries=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --preset=*) preset="${1#*=}" ;;
+    --shared=*) shared="${1#*=}" ;;
+    --out=*) out="${1#*=}" ;;
+    --dataset=*) dataset="${1#*=}" ;;
+    --train_split=*) train_split="${1#*=}" ;;
+    --test_split=*) test_split="${1#*=}" ;;
+    --doc_tokens=*) doc_tokens="${1#*=}" ;;
+    --limit=*) limit="${1#*=}" ;;
+    --shards=*) shards="${1#*=}" ;;
+    --steps=*) steps="${1#*=}" ;;
+    --max_queries=*) max_queries="${1#*=}" ;;
+    --dry-run) export O1_DRY_RUN=1 ;;
+    --) shift; break ;;
+    *) echo "recipe.sh: unknown option '$1'" >&2; exit 2 ;;
+  esac
+  shift
+done
+case "$preset" in
+  scifact) preset_dataset=beir-scifact preset_train=train preset_doc_tokens=64 ;;
+  cosqa) preset_dataset=cosqa-retrieval preset_train=dev preset_doc_tokens=128 ;;
+  *) echo "recipe.sh: --preset=$preset: unknown preset (scifact, cosqa)" >&2; exit 2 ;;
+esac
+out="${out:-runs/$preset}"
+dataset="${dataset:-$shared/data/$preset_dataset}"
+train_split="${train_split:-$preset_train}"
+test_split="${test_split:-test}"
+doc_tokens="${doc_tokens:-$preset_doc_tokens}"
+[[ "$doc_tokens" =~ ^[1-9][0-9]*$ ]] || { echo "recipe.sh: --doc_tokens=$doc_tokens: not a positive integer" >&2; exit 2; }
+gguf="$shared/data/smollm2-135m-instruct-gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
+for path in "$dataset/qrels/$train_split.tsv" "$dataset/qrels/$test_split.tsv" "$gguf"; do
+  [[ -f "$path" || -f "$path.gz" ]] || {
+    echo "recipe.sh: $path not found (give --shared=DIR, the folder holding data/, or --dataset and its splits)" >&2
+    exit 2
+  }
+done
+test_qrels="$dataset/qrels/$test_split.tsv"
+[[ -f "$test_qrels" ]] || test_qrels+=.gz
+# The whole recipe runs on the CPU; without this, jax would first probe for a TPU (libtpu is a test requirement).
+export JAX_PLATFORMS=cpu
+mkdir -p "$out/stages"
+
+# Runs stage $1 (the command "${@:2}") unless it finished before; records its wall time.
+stage() {
+  local name="$1" start
+  shift
+  if [[ -f "$out/stages/$name.seconds" ]]; then
+    echo "== $name: done in an earlier run ($(cat "$out/stages/$name.seconds") s), skipped" >&2
+    return
+  fi
+  echo "== $name" >&2
+  start=$(date +%s)
+  o1_run "$@"
+  [[ "${O1_DRY_RUN:-0}" == 1 ]] || echo "$(( $(date +%s) - start ))" > "$out/stages/$name.seconds"
+}
+
+# Evaluation cuts documents as training does: METHOD's 512 tokens would take over an hour per model here.
+eval_args=(--dataset="$dataset" --split="$test_split" --doc_tokens="$doc_tokens" --max_queries="$max_queries")
+# Both arms share every trainer option but the objective, so they differ only in the thoughts.
+train_args=(--config="$O1_LAUNCH_DIR/../configs/smollm2_135m_scifact.py" --config.model.path="$gguf"
+            --config.data.train_files="('$out/thoughts/train-*.tfrecord',)" --config.train.lengths.doc="$doc_tokens"
+            ${steps:+--config.train.steps="$steps"})
+
+stage thoughts python -m data_tools.synthesize --dataset="$dataset" --split="$train_split" --out="$out/thoughts" \
+  --num_shards="$shards" --expert=local --model="$gguf" --members=bm25,st --k=2 --num_examples=0 \
+  --max_new_tokens=40 --batch_size=64 --queries_per_batch=32 --num_negatives=7 \
+  ${limit:+--limit="$limit"}
+
+stage convert python -m o1jax.convert gguf-to-hf --gguf="$gguf" --out="$out/untrained_hf" --overwrite
+stage untrained python -m o1jax.eval --checkpoint="$out/untrained_hf" --think=off --baselines=bm25,minilm \
+  --out="$out/eval/untrained" "${eval_args[@]}"
+
+stage train python -m o1jax.train "${train_args[@]}" --config.checkpoint.dir="$out/train" \
+  --config.log.jsonl="$out/train_metrics.jsonl" --config.log.tensorboard_dir="$out/tensorboard" "$@"
+stage trained python -m o1jax.eval --checkpoint="$out/train" --think=3 --max_new_tokens=40 --baselines= \
+  --out="$out/eval/trained" "${eval_args[@]}"
+
+# thought_drop=1 empties every thought (batching draws the drop before the positive and negatives, so each query
+# still meets the same documents); w_gen=0 drops the behaviour-cloning loss, which would have no tokens to clone.
+stage train_contrastive python -m o1jax.train "${train_args[@]}" --config.checkpoint.dir="$out/train_contrastive" \
+  --config.log.jsonl="$out/train_contrastive_metrics.jsonl" --config.log.tensorboard_dir="$out/tensorboard_contrastive" \
+  "$@" --config.train.w_gen=0 --config.train.thought_drop=1.0
+stage contrastive python -m o1jax.eval --checkpoint="$out/train_contrastive" --think=off --baselines= \
+  --out="$out/eval/contrastive-only" "${eval_args[@]}"
+
+# Thinking against each alternative on the same queries (paired tests; the p-values the report quotes).
+for other in "no-think:$out/eval/trained/o1jax_no-think.trec" \
+             "contrastive-only:$out/eval/contrastive-only/o1jax_no-think.trec"; do
+  o1_run python -m o1jax.eval.compare "$out/eval/trained/o1jax_think_3.trec" "${other#*:}" --qrels="$test_qrels" \
+    --names="think=3,${other%%:*}" --json="$out/eval/trained/compare-${other%%:*}.json"
+done
+o1_run python -m launch.report --run="$out"
