@@ -121,6 +121,10 @@ def test_a_real_ab_run_of_two_worker_processes():
   assert 1.3 < result["ratio"]["median"] < 2.5  # sleeps overshoot a little, never by 20 ms on both sides
   assert result["ratio"]["of"] == "slow seconds / fast seconds"
   assert all(f is None or f >= 0 for r in result["rounds"] for f in r["foreign_cores"].values())
+  # Each worker's own CPU in every turn: the waiting one's shows whether it spins while the other is timed.
+  for r in result["rounds"]:
+    for turn in r.get("worker_cores", {}).values():
+      assert set(turn) == {"fast", "slow"} and all(c >= 0 for c in turn.values())
   assert result["verdict"] in ("clean", "noisy") and json.dumps(result)
 
 

@@ -6,7 +6,8 @@ timing `steps` calls (one round) and replying with one marked JSON line. The par
 so they never compete for the cores, alternating which goes first each round (a drift of the machine's speed
 falls on both) and pausing between them (an idle side's spinning thread pools go quiet). Before each round it
 records the 1-minute load average, and over each side's turn the cores that processes other than the workers
-kept busy (/proc/stat less the workers' /proc/PID/stat).
+kept busy (/proc/stat less the workers' /proc/PID/stat) and each worker's own cores (`worker_cores`: whether the
+waiting one spins).
 
 Contract of the result: each side's figure per round is the median of that round's calls; `sides[name]` and
 `ratio` (seconds of the second side / seconds of the first, per round: >1 means the first is faster) hold the
@@ -248,6 +249,8 @@ def compare(sides: tuple[Side, Side], rounds: int, *, pause: float = 1.0, limits
         if None not in ticks and None not in end:
           mine = sum(e - b for e, b in zip(end[1:], ticks[1:]))
           foreign = max(0.0, (end[0] - ticks[0] - mine) / os.sysconf("SC_CLK_TCK") / elapsed)
+          record.setdefault("worker_cores", {})[w.side.name] = {
+              x.side.name: (e - b) / os.sysconf("SC_CLK_TCK") / elapsed for x, e, b in zip(workers, end[1:], ticks[1:])}
         record["seconds"][w.side.name] = reply.pop("seconds")
         record["foreign_cores"][w.side.name] = foreign
         record["after"][w.side.name] = reply
