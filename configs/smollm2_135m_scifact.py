@@ -1,6 +1,7 @@
 """SmolLM2-135M fine-tuned into a thinking retriever on SciFact's train queries; trained here in 21.6 minutes.
 
-The README's results come from `launch/scifact.sh`, which synthesizes the thoughts and then runs
+The README's results come from `launch/scifact.sh` (`launch/recipe.sh --preset=scifact`; the cosqa preset trains
+with this config too), which synthesizes the thoughts and then runs
 
   python -m o1jax.train --config=configs/smollm2_135m_scifact.py --config.model.path=SmolLM2-135M-Instruct.Q4_1.gguf \
       --config.data.train_files="('runs/scifact/thoughts/train-*.tfrecord',)"

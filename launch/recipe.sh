@@ -98,9 +98,10 @@ stage() {
 
 # Evaluation cuts documents as training does: METHOD's 512 tokens would take over an hour per model here.
 eval_args=(--dataset="$dataset" --split="$test_split" --doc_tokens="$doc_tokens" --max_queries="$max_queries")
-# Both arms share every trainer option but the objective, so they differ only in the thoughts.
+# Both arms share every trainer option but the objective, so they differ only in the thoughts. Synthesis names its
+# shards after the split it read.
 train_args=(--config="$O1_LAUNCH_DIR/../configs/smollm2_135m_scifact.py" --config.model.path="$gguf"
-            --config.data.train_files="('$out/thoughts/train-*.tfrecord',)" --config.train.lengths.doc="$doc_tokens"
+            --config.data.train_files="('$out/thoughts/$train_split-*.tfrecord',)" --config.train.lengths.doc="$doc_tokens"
             ${steps:+--config.train.steps="$steps"})
 
 stage thoughts python -m data_tools.synthesize --dataset="$dataset" --split="$train_split" --out="$out/thoughts" \

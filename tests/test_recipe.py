@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 
+from data_tools.shards import shard_name
 from launch import report
 from o1jax import config as o1config
 from o1jax.data.readers import load_beir
@@ -157,8 +158,9 @@ def test_cosqa_preset_trains_on_dev_and_evaluates_on_test(shared_dir, tmp_path):
   dev, test = load_beir(cosqa, "dev"), load_beir(cosqa, "test")
   assert (len(dev.queries), len(test.queries)) == (500, 500) and not set(dev.queries) & set(test.queries)
   # Both trainings validate; they differ only in the objective.
+  # The shard synthesis writes for the dev split is what both trainings read.
   (out / "thoughts").mkdir(parents=True)
-  (out / "thoughts" / "train-00000-of-00001.tfrecord").write_bytes(b"")
+  (out / "thoughts" / shard_name("dev", 0, 1)).write_bytes(b"")
   configs = [o1config.load([a for a in c[3:] if a.startswith("--config")]) for c in (commands[3], commands[5])]
   for config in configs:
     assert o1config.validate(config, device_count=1) == {"data": 1, "fsdp": 1, "tensor": 1}
