@@ -27,6 +27,9 @@ MEASURES = (("ndcg@10", "nDCG@10"), ("mrr@10", "MRR@10"), ("recall@100", "Recall
 STAGE_ORDER = ("thoughts", "convert", "untrained", "train", "trained", "train_contrastive", "contrastive")
 # Table order of the evaluated checkpoints (eval/<name>): the thinking model, its ablation, then the start point.
 FOLDER_ORDER = ("trained", "contrastive-only", "untrained")
+# What the report quotes of a comparison, all written by `python -m o1jax.eval.compare --json`.
+COMPARISON_KEYS = ("names", "measure", "queries", "wins", "ties", "losses", "mean_a", "mean_b", "mean_difference",
+                   "confidence", "ci_low", "ci_high", "randomization_pvalue", "t_pvalue", "command")
 
 
 @dataclasses.dataclass
@@ -50,9 +53,7 @@ def _label(folder: str, system: str) -> str | None:
 def collect(run: str | pathlib.Path) -> RunResults:
   """Everything `render_markdown` and `render_figure` need, from a run directory."""
   run = pathlib.Path(run)
-  folder_rank = {name: i for i, name in enumerate(FOLDER_ORDER)}
-  summaries = sorted(run.glob("eval/*/summary.json"),
-                     key=lambda p: (folder_rank.get(p.parent.name, len(folder_rank)), p.parent.name))
+  summaries = sorted(run.glob("eval/*/summary.json"), key=lambda p: _rank(p.parent.name, FOLDER_ORDER))
   if not summaries:
     raise FileNotFoundError(f"{run}/eval/*/summary.json: no evaluation results")
   ours: dict[str, dict[str, float]] = {}
@@ -70,25 +71,26 @@ def collect(run: str | pathlib.Path) -> RunResults:
       else:
         ours[label] = values
   seconds = {p.stem: int(p.read_text()) for p in (run / "stages").glob("*.seconds")}
-  order = {name: i for i, name in enumerate(STAGE_ORDER)}
-  seconds = dict(sorted(seconds.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
-  comparisons = []
-  for path in sorted(run.glob("eval/*/compare-*.json")):
-    try:
-      comparison = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: not a JSON file of `python -m o1jax.eval.compare --json` ({e})") from e
-    missing = [key for key in COMPARISON_KEYS if key not in comparison] if isinstance(comparison, dict) else ["keys"]
-    if missing:
-      raise ValueError(f"{path}: not a JSON file of `python -m o1jax.eval.compare --json` (no {', '.join(missing)})")
-    comparisons.append(comparison)
+  seconds = {name: seconds[name] for name in sorted(seconds, key=lambda name: _rank(name, STAGE_ORDER))}
+  comparisons = [_comparison(path) for path in sorted(run.glob("eval/*/compare-*.json"))]
   return RunResults({**ours, **baselines}, _logged_steps(run / "train_metrics.jsonl"), seconds, list(ours),
                     _logged_steps(run / "train_contrastive_metrics.jsonl"), comparisons)
 
 
-# What the report quotes of a comparison, all written by `python -m o1jax.eval.compare --json`.
-COMPARISON_KEYS = ("names", "measure", "queries", "wins", "ties", "losses", "mean_a", "mean_b", "mean_difference",
-                   "confidence", "ci_low", "ci_high", "randomization_pvalue", "t_pvalue", "command")
+def _rank(name: str, order: Sequence[str]) -> tuple[int, str]:
+  """Sort key: names of `order` in its order, then any others alphabetically."""
+  return (order.index(name) if name in order else len(order), name)
+
+
+def _comparison(path: pathlib.Path) -> dict:
+  try:
+    comparison = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not a JSON file of `python -m o1jax.eval.compare --json` ({e})") from e
+  missing = [key for key in COMPARISON_KEYS if key not in comparison] if isinstance(comparison, dict) else ["keys"]
+  if missing:
+    raise ValueError(f"{path}: not a JSON file of `python -m o1jax.eval.compare --json` (no {', '.join(missing)})")
+  return comparison
 
 
 def _logged_steps(log: pathlib.Path) -> list[dict[str, float]]:

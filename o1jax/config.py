@@ -29,7 +29,7 @@ from o1jax.data.batching import BatchSpec
 from o1jax.data.synthetic import SyntheticSpec
 from o1jax.model import REMAT_POLICIES, ModelConfig
 from o1jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
-from o1jax.model.config import DTYPES
+from o1jax.model.config import DTYPES, RUNTIME_FIELDS
 from o1jax.templates import DOC_TEMPLATE_TOKENS, QUERY_TEMPLATE_TOKENS
 from o1jax.training.logger import LogSettings
 from o1jax.training.objective import Objective
@@ -199,9 +199,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
   arch = dict(config.model.arch)
   if not arch["vocab_size"]:
     arch["vocab_size"] = vocab_size
-  return ModelConfig(**arch, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                     remat_policy=config.model.remat_policy, attention=config.model.attention,
-                     unroll_layers=config.model.unroll_layers)
+  return ModelConfig(**arch, **{name: config.model[name] for name in RUNTIME_FIELDS})
 
 
 def _type_problem(value, reference) -> str | None:
@@ -269,8 +267,7 @@ def _path_problems(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def _arch_problems(config: ml_collections.ConfigDict) -> list[str]:
-  runtime = {"dtype", "param_dtype", "remat_policy", "attention", "unroll_layers"}
-  fields = {f.name for f in dataclasses.fields(ModelConfig)} - runtime
+  fields = {f.name for f in dataclasses.fields(ModelConfig)} - set(RUNTIME_FIELDS)
   unknown = sorted(set(config.model.arch) - fields)
   if unknown:
     return [f"config.model.arch.{k}: unknown key (ModelConfig fields: {', '.join(sorted(fields))})" for k in unknown]

@@ -247,10 +247,10 @@ def compare(sides: tuple[Side, Side], rounds: int, *, pause: float = 1.0, limits
         end = [_busy_ticks(), *(_process_ticks(x.proc.pid) for x in workers)]
         foreign = None
         if None not in ticks and None not in end:
-          mine = sum(e - b for e, b in zip(end[1:], ticks[1:]))
-          foreign = max(0.0, (end[0] - ticks[0] - mine) / os.sysconf("SC_CLK_TCK") / elapsed)
-          record.setdefault("worker_cores", {})[w.side.name] = {
-              x.side.name: (e - b) / os.sysconf("SC_CLK_TCK") / elapsed for x, e, b in zip(workers, end[1:], ticks[1:])}
+          per_second = os.sysconf("SC_CLK_TCK") * elapsed
+          cores = {x.side.name: (e - b) / per_second for x, e, b in zip(workers, end[1:], ticks[1:])}
+          foreign = max(0.0, (end[0] - ticks[0]) / per_second - sum(cores.values()))
+          record.setdefault("worker_cores", {})[w.side.name] = cores
         record["seconds"][w.side.name] = reply.pop("seconds")
         record["foreign_cores"][w.side.name] = foreign
         record["after"][w.side.name] = reply

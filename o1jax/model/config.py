@@ -15,6 +15,9 @@ FAMILIES = ("llama", "mistral", "qwen2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
+# How the model runs rather than what it is: not in a checkpoint's Hugging Face config, set by config.model.<name>
+# whatever the weights' source.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention", "unroll_layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +42,7 @@ class ModelConfig:
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
   pad_token_id: int | None = None
-  # Runtime options.
+  # Runtime options (RUNTIME_FIELDS).
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat_policy: str = "none"
@@ -77,6 +80,10 @@ class ModelConfig:
     if self.eos_token_id is None:
       return ()
     return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+
+  def runtime(self) -> dict[str, Any]:
+    """The RUNTIME_FIELDS and their values."""
+    return {name: getattr(self, name) for name in RUNTIME_FIELDS}
 
   @classmethod
   def from_hf_dict(cls, d: dict[str, Any], **runtime) -> ModelConfig:

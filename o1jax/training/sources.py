@@ -29,8 +29,8 @@ class ModelSource:
   source: str  # 'random' | 'hf' | 'gguf'
   path: str
   # The architecture for 'random' and for shape-only compilation (vocab_size 0: the tokenizer's size); ignored
-  # when weights are loaded, whose own config is used. dtype, param_dtype, remat_policy, attention
-  # and unroll_layers apply to every source.
+  # when weights are loaded, whose own config is used. Its runtime fields (ModelConfig.runtime) apply to every
+  # source.
   arch: ModelConfig
 
 
@@ -54,8 +54,7 @@ def build_model(model: ModelSource, data: DataSource, mesh: Mesh | None = None
     tokenizer = synthetic.make_tokenizer(data.synthetic)
     return model.arch.replace(vocab_size=len(tokenizer)), None, tokenizer, SpecialIds.from_tokenizer(tokenizer)
   arch = model.arch
-  runtime = dict(dtype=arch.dtype, param_dtype=arch.param_dtype, remat_policy=arch.remat_policy,
-                 attention=arch.attention, unroll_layers=arch.unroll_layers)
+  runtime = arch.runtime()
   if mesh is None:
     model_cfg, params = (load_hf if model.source == "hf" else load_gguf)(model.path, **runtime)
   elif model.source == "hf":
