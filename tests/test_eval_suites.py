@@ -4,8 +4,9 @@ The published TREC DL runs in the shared pools, scored through the `dl` suite, g
 their MRR@10 and Recall@1000 count grade >= 2 (checked against a count by hand); loose TSV corpus / topics and the
 official TREC qrels file give the numbers of the same data as a BEIR directory; two datasets in one command give
 each one's numbers as separate runs do, and the average of their headline measure; the thoughts file holds the
-token ids the run was embedded with (re-embedding them reproduces the run file); bad specs are one line, before
-anything loads. A tiny random model on the SmolLM2 tokenizer; 4 DL19 queries and 8 SciFact queries.
+token ids the run was embedded with (re-embedding them reproduces the run file, and so does `--thoughts_from` with
+that file); text-only thoughts from elsewhere are tokenized, cut to --max_new_tokens and averaged per query as
+`encode_with_thoughts` does by hand; bad specs and bad thoughts files are one line, before anything loads. A tiny random model on the SmolLM2 tokenizer; 4 DL19 queries and 8 SciFact queries.
 """
 import contextlib
 import dataclasses
@@ -223,7 +224,7 @@ def test_the_thoughts_file_holds_the_thoughts_the_run_was_embedded_with(two_data
     assert ids == retriever.think(queries, 1, temperature=1.0, max_new_tokens=6, rng=3)  # --seed=3's thoughts
     assert all(len(t) == 1 and t[0] for t in ids)
     assert [s["thoughts"] for s in saved] == retriever.decode_thoughts(ids)
-    with pytest.raises(ValueError, match=r"the same number \(>= 1\) of thoughts, got \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"query 1 has no thought \(every query needs at least one\)"):
       retriever.encode_with_thoughts(queries[:2], [ids[0], []])
     assert [QueryThoughts(s["query"], s["thoughts"], s["token_ids"]) for s in saved] == list(
         together[name]["o1jax think=1"].thoughts.values())
@@ -278,3 +279,76 @@ def test_no_dataset_a_missing_checkpoint_and_a_wrong_corpus_exit_with_one_line(p
   stderr = run(f"--checkpoint={model_dir}", f"--dataset=msmarco-dev=corpus:{files / 'collection.tsv'},"
                f"queries:{files / 'topics.tsv'},qrels:{files / 'qrels.txt'}")
   assert "qrels.txt, line " in stderr and "field 'corpus-id': doc " in stderr and "collection.tsv" in stderr
+
+
+def test_thoughts_from_the_models_own_file_reproduce_its_thinking_run(two_datasets, scifact_small, model_dir,
+                                                                       tmp_path):
+  together, _, out, _ = two_datasets
+  own = out / "scifact" / "o1jax_think_1.thoughts.jsonl"
+  given = main(two_datasets_options(model_dir, tmp_path) + [f"--dataset={scifact_small}", "--think=off",
+                                                            "--baselines=", f"--thoughts_from=own={own}"])
+  row = given["scifact"]["o1jax thoughts=own"]
+  assert list(given["scifact"]) == ["o1jax no-think", "o1jax thoughts=own"]
+  assert row.run == together["scifact"]["o1jax think=1"].run
+  assert row.metrics == together["scifact"]["o1jax think=1"].metrics
+  assert row.thoughts == together["scifact"]["o1jax think=1"].thoughts
+
+
+def test_text_thoughts_are_tokenized_cut_and_averaged_per_query(scifact_small, model_dir, tmp_path):
+  """An oracle-style file (each query's relevant document as text, the first query with two thoughts, one of them
+  empty: the thought-dropped form) gives the run `encode_with_thoughts` gives for the same ids by hand."""
+  dataset = load_beir(scifact_small, "test")
+  query_ids = list(dataset.queries)
+  texts = {q: [f"{dataset.corpus[min(dataset.qrels[q])].title} {dataset.corpus[min(dataset.qrels[q])].text}"]
+           for q in query_ids}
+  texts[query_ids[0]].append("")
+  path = tmp_path / "oracle.thoughts.jsonl"
+  path.write_text("".join(json.dumps({"query_id": q, "thoughts": texts[q]}) + "\n" for q in reversed(query_ids)))
+  out = tmp_path / "out"
+  given = main(two_datasets_options(model_dir, tmp_path / "cache") + [
+      f"--dataset={scifact_small}", "--think=off", "--baselines=", f"--thoughts_from=oracle={path}", f"--out={out}"])
+  row = given[scifact_small.name]["o1jax thoughts=oracle"]
+  retriever = Retriever.from_pretrained(model_dir, lengths=dataclasses.replace(EVAL_LENGTHS, doc=64))
+  ids = [[retriever.tokenize([t], "t")[0][:6] if t else [] for t in texts[q]] for q in query_ids]
+  assert all(len(per_query[0]) == 6 for per_query in ids)  # every document is longer than the 6-token budget
+  retriever_eval.index_corpus(retriever, dataset, "exact", cache_dir=tmp_path / "cache")
+  queries = [dataset.queries[q] for q in query_ids]
+  vectors = retriever.encode_with_thoughts(queries, ids)
+  two = retriever.embed_sequences([s for s in retriever.query_sequences(queries[:1], ids[:1])[0]])
+  mean = two.mean(axis=0)
+  np.testing.assert_allclose(vectors[0], mean / np.linalg.norm(mean), atol=1e-6)
+  hits = retriever.search_vectors(vectors, k=1000)
+  assert row.run == {q: dict(h) for q, h in zip(query_ids, hits)}
+  assert row.run == read_run(out / "o1jax_thoughts_oracle.trec")
+  saved = [json.loads(line) for line in (out / "o1jax_thoughts_oracle.thoughts.jsonl").read_text().splitlines()]
+  assert [s["query_id"] for s in saved] == query_ids and [s["token_ids"] for s in saved] == ids
+
+
+@pytest.mark.parametrize("lines,extra,message", [
+    (['{"query_id": "q1", "thoughts": ["a"]}'], [], r"--thoughts_from=t=.*t.jsonl: no thoughts for 1 of the 2 "
+                                                    r"evaluated queries \(first: 'q2'\)"),
+    (['{"query_id": "q1", "thoughts": ["a"]}', '{"query_id": "q2", "thoughts": []}'], [],
+     r"t.jsonl, line 2, field 'thoughts': expected a non-empty list of strings"),
+    (['{"query_id": "q1", "thoughts": ["a"], "token_ids": [[1, -2]]}'], [],
+     r"t.jsonl, line 1, field 'token_ids\[0\]': expected a list of non-negative integers"),
+    (['{"query_id": "q1", "thoughts": ["a"]}', '{"query_id": "q1", "thoughts": ["b"]}'], [],
+     r"t.jsonl, line 2, field 'query_id': duplicate id 'q1' \(first on line 1\)"),
+    (['{"query_id": "q1", "thoughts": ["a"]}'], ["--dataset=again={poison}"],
+     r"--thoughts_from: query ids belong to one dataset"),
+    (['{"query_id": "q1", "thoughts": ["a"]}'], ["--thoughts_from=t={file}"], r"the name 't' is given twice"),
+    (['{"query_id": "q1", "thoughts": ["a"]}'], ["--thoughts_from=a b={file}"], r"--thoughts_from=a b=.*: expected "
+                                                                                 r"NAME=FILE"),
+    (['{"query_id": "q1", "thoughts": ["a"]}'], ["--thoughts_from=u={missing}"], r"--thoughts_from=u=.*: no such file"),
+])
+def test_bad_thoughts_files_are_named_before_the_model_loads(tmp_path, lines, extra, message):
+  """Every case stops before the model loads: the checkpoint directory holds no model at all."""
+  dataset = write_beir(tmp_path / "d", {"d1": ("", "text one"), "d2": ("", "text two")},
+                       {"q1": "query one", "q2": "query two"}, {"q1": {"d1": 1}, "q2": {"d2": 1}})
+  path = tmp_path / "t.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  (tmp_path / "empty").mkdir()
+  names = {"poison": dataset, "file": path, "missing": tmp_path / "none.jsonl"}
+  argv = [f"--checkpoint={tmp_path / 'empty'}", f"--dataset={dataset}", "--think=off", "--baselines=",
+          f"--thoughts_from=t={path}"] + [o.format(**names) for o in extra]
+  with pytest.raises(ValueError, match=message):
+    main(argv)

@@ -89,7 +89,7 @@ def read_lines(path: PathLike) -> Iterator[tuple[int, str]]:
         yield number, line
 
 
-def _json_records(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+def json_records(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
   for number, line in read_lines(path):
     try:
       record = json.loads(line)
@@ -100,7 +100,7 @@ def _json_records(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     yield number, record
 
 
-def _id_field(path: PathLike, number: int, record: dict[str, Any], field: str) -> str:
+def id_field(path: PathLike, number: int, record: dict[str, Any], field: str) -> str:
   if field not in record:
     raise DataFormatError(path, number, field, "missing")
   value = record[field]
@@ -128,7 +128,7 @@ def _text_field(path: PathLike, number: int, record: dict[str, Any], field: str,
   return value
 
 
-def _check_new(path: PathLike, number: int, field: str, key: str, seen: dict[str, int]) -> None:
+def check_new(path: PathLike, number: int, field: str, key: str, seen: dict[str, int]) -> None:
   if key in seen:
     raise DataFormatError(path, number, field, f"duplicate id {key!r} (first on line {seen[key]})")
   seen[key] = number
@@ -138,9 +138,9 @@ def read_beir_corpus(path: PathLike) -> dict[str, Doc]:
   """BEIR `corpus.jsonl[.gz]`: `{"_id", "title" (optional), "text"}` per line."""
   corpus: dict[str, Doc] = {}
   seen: dict[str, int] = {}
-  for number, record in _json_records(path):
-    doc_id = _id_field(path, number, record, "_id")
-    _check_new(path, number, "_id", doc_id, seen)
+  for number, record in json_records(path):
+    doc_id = id_field(path, number, record, "_id")
+    check_new(path, number, "_id", doc_id, seen)
     corpus[doc_id] = Doc(title=_text_field(path, number, record, "title", required=False),
                          text=_text_field(path, number, record, "text"))
   return corpus
@@ -150,9 +150,9 @@ def read_beir_queries(path: PathLike) -> dict[str, str]:
   """BEIR `queries.jsonl[.gz]`: `{"_id", "text", ...}` per line (other fields such as metadata are ignored)."""
   queries: dict[str, str] = {}
   seen: dict[str, int] = {}
-  for number, record in _json_records(path):
-    query_id = _id_field(path, number, record, "_id")
-    _check_new(path, number, "_id", query_id, seen)
+  for number, record in json_records(path):
+    query_id = id_field(path, number, record, "_id")
+    check_new(path, number, "_id", query_id, seen)
     queries[query_id] = _text_field(path, number, record, "text")
   return queries
 
@@ -212,7 +212,7 @@ def read_trec_topics(path: PathLike) -> dict[str, str]:
       raise DataFormatError(path, number, "qid", "empty id")
     if not text.strip():
       raise DataFormatError(path, number, "text", "empty text")
-    _check_new(path, number, "qid", query_id, seen)
+    check_new(path, number, "qid", query_id, seen)
     topics[query_id] = text
   return topics
 
@@ -231,7 +231,7 @@ def read_tsv_corpus(path: PathLike) -> dict[str, Doc]:
       raise DataFormatError(path, number, "pid", "empty id")
     if not text.strip():
       raise DataFormatError(path, number, "text", "empty text")
-    _check_new(path, number, "pid", doc_id, seen)
+    check_new(path, number, "pid", doc_id, seen)
     corpus[doc_id] = Doc(title=columns[1] if len(columns) == 3 else "", text=text)
   return corpus
 
@@ -324,8 +324,8 @@ def read_grouped_jsonl(path: PathLike) -> Iterator[Group]:
 
   Without `query_id` the record's line number names the query (FlagEmbedding-style files carry no ids).
   """
-  for number, record in _json_records(path):
-    query_id = _id_field(path, number, record, "query_id") if "query_id" in record else str(number)
+  for number, record in json_records(path):
+    query_id = id_field(path, number, record, "query_id") if "query_id" in record else str(number)
     extra = {k: v for k, v in record.items() if k not in ("query_id", "query", "pos", "neg")}
     yield Group(query_id=query_id, query=_text_field(path, number, record, "query"),
                 pos=_text_list(path, number, record, "pos", required=True),

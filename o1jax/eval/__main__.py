@@ -3,7 +3,7 @@ datasets, one table.
 
   python -m o1jax.eval --checkpoint=PATH --dataset=DATASET [--dataset=DATASET ...] [--split=test] [--suite=SUITE]
       [--think=3|off] [--baselines=bm25,minilm] [--out=DIR] [--max_queries=N] [--search=auto|exact|scann]
-      [--drop_self_hits] [--doc_tokens=512]
+      [--drop_self_hits] [--doc_tokens=512] [--thoughts_from=NAME=FILE ...]
   python -m o1jax.eval --checkpoint=PATH --corpus=FILE --queries=FILE --qrels=FILE [--name=NAME] [--suite=SUITE] ...
 
 PATH is an exported Hugging Face directory or an o1jax checkpoint directory. DATASET is a BEIR directory, `NAME=DIR`
@@ -25,12 +25,16 @@ $O1JAX_CACHE or ~/.cache/o1jax), keyed by checkpoint, corpus and settings. Every
 dataset or model loads; every dataset is read before the model loads; the table is printed before `--out` is
 written. With `--think_url=http://host:8000/v1 --think_model=NAME [--api_key_env=VAR]` the thoughts come from an
 OpenAI-compatible completions server (vLLM, ...) serving the exported model; embedding stays local.
+`--thoughts_from=NAME=FILE` adds the row `o1jax thoughts=NAME`: the model embeds every query with the thoughts FILE
+gives it instead of its own (written by another expert, or a relevant document as an oracle; `thoughts_file`), which
+tells whether better thoughts would help this embedding.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from typing import Sequence
 
@@ -38,7 +42,8 @@ import numpy as np
 
 from o1jax import storage
 from o1jax.data.readers import BeirDataset
-from o1jax.eval import baselines, dataset_spec, evaluation, retriever_eval, suites
+from o1jax.eval import baselines, dataset_spec, evaluation, retriever_eval, suites, thoughts_file
+from o1jax.eval.thoughts_file import QueryThoughts
 from o1jax.files import atomic_write_json
 from o1jax.http_json import RequestError
 from o1jax.retrieval.remote_generator import CompletionsGenerator
@@ -83,6 +88,10 @@ def parser() -> argparse.ArgumentParser:
                  help="OpenAI-compatible server that writes the thoughts, e.g. http://127.0.0.1:8000/v1")
   p.add_argument("--think_model", default=None, help="the model name the --think_url server serves")
   p.add_argument("--api_key_env", default=None, help="environment variable holding the --think_url server's key")
+  p.add_argument("--thoughts_from", action="append", default=[], metavar="NAME=FILE",
+                 help="repeatable: one more row, 'o1jax thoughts=NAME', embedding every query with the thoughts FILE "
+                      "gives it (a thoughts.jsonl as --out writes, or text-only lines {query_id, thoughts}), each cut "
+                      "to --max_new_tokens tokens; one dataset only")
   return p
 
 
@@ -151,12 +160,34 @@ def check_args(args: argparse.Namespace) -> tuple[Sampling, dict[str, str], list
     raise ValueError("--api_key_env is the key of a --think_url server; there is none")
   if args.api_key_env is not None and not os.environ.get(args.api_key_env):
     raise ValueError(f"--api_key_env={args.api_key_env}: that environment variable is not set")
-  plan = _baseline_plan(args.baselines, [_label(think) for think in _thinks(args)])
+  given = _thought_files(args.thoughts_from, len(specs))
+  plan = _baseline_plan(args.baselines, [_label(think) for think in _thinks(args)] + [_given_label(n) for n in given])
   if args.cache_dir is not None:
     evaluation.check_output_directory("--cache_dir", args.cache_dir)
   if args.out is not None:
     evaluation.check_output_directory("--out", args.out)
-  return sampling, plan, specs
+  return sampling, plan, specs, given
+
+
+def _thought_files(values: list[str], num_datasets: int) -> dict[str, str]:
+  """{NAME: FILE} of `--thoughts_from`, names and files checked (the files are read later, before the model)."""
+  given: dict[str, str] = {}
+  for value in values:
+    name, sep, path = value.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9._-]+", name) or not path:
+      raise ValueError(f"--thoughts_from={value}: expected NAME=FILE, NAME of letters, digits, '.', '_' or '-'")
+    if name in given:
+      raise ValueError(f"--thoughts_from={value}: the name {name!r} is given twice")
+    if not storage.is_file(path):
+      raise ValueError(f"--thoughts_from={value}: no such file")
+    given[name] = path
+  if given and num_datasets != 1:
+    raise ValueError("--thoughts_from: query ids belong to one dataset; evaluate one dataset with it")
+  return given
+
+
+def _given_label(name: str) -> str:
+  return f"o1jax thoughts={name}"
 
 
 def _thinks(args: argparse.Namespace) -> list[int]:
@@ -168,13 +199,18 @@ def _label(think: int) -> str:
 
 
 def _evaluate_dataset(retriever: Retriever, dataset: BeirDataset, suite: suites.Suite, plan: dict[str, str],
-                      sampling: Sampling, args: argparse.Namespace) -> dict[str, evaluation.Evaluation]:
+                      given: dict[str, dict[str, QueryThoughts]], sampling: Sampling,
+                      args: argparse.Namespace) -> dict[str, evaluation.Evaluation]:
   """Every requested system on one dataset, in table order, scored with the dataset's suite."""
   retriever_eval.index_corpus(retriever, dataset, args.search, args.k, args.cache_dir)
   results = {}
   for think in _thinks(args):
     results[_label(think)] = retriever_eval.evaluate(retriever, dataset, think, args.k, sampling, args.seed,
                                                      args.drop_self_hits, suite.measures, suite.relevance_level)
+  for name, thoughts in given.items():
+    results[_given_label(name)] = retriever_eval.evaluate_given_thoughts(
+        retriever, dataset, thoughts, sampling.max_new_tokens, args.k, args.drop_self_hits, suite.measures,
+        suite.relevance_level)
   for label, name in plan.items():
     if name == "bm25":
       run = baselines.bm25_run(dataset, args.k, args.drop_self_hits)
@@ -188,15 +224,21 @@ def _evaluate_dataset(retriever: Retriever, dataset: BeirDataset, suite: suites.
 def evaluate_all(args: argparse.Namespace) -> tuple[Results, list[dataset_spec.DatasetSpec]]:
   """Every requested system on every dataset: {dataset name: {system: evaluation}}, in command-line and table
   order, with the datasets' specs."""
-  sampling, plan, specs = check_args(args)
+  sampling, plan, specs, given_files = check_args(args)
   # Every dataset is read before the model loads: a malformed file stops the run before hours of work, not after.
   datasets = [retriever_eval.first_queries(spec.load(), args.max_queries) for spec in specs]
+  given = {name: thoughts_file.read_thoughts(path) for name, path in given_files.items()}
+  for name, thoughts in given.items():
+    missing = retriever_eval.missing_thoughts(datasets[0], thoughts)
+    if missing:
+      raise ValueError(f"--thoughts_from={name}={given_files[name]}: no thoughts for {len(missing)} of the "
+                       f"{len(datasets[0].queries)} evaluated queries (first: {missing[0]!r})")
   lengths = dataclasses.replace(EVAL_LENGTHS, doc=args.doc_tokens)
   generator = None
   if args.think_url is not None:
     generator = CompletionsGenerator(args.think_url, args.think_model, api_key_env=args.api_key_env)
   retriever = Retriever.from_pretrained(args.checkpoint, dtype=args.dtype, lengths=lengths, generator=generator)
-  results = {spec.name: _evaluate_dataset(retriever, dataset, spec.suite, plan, sampling, args)
+  results = {spec.name: _evaluate_dataset(retriever, dataset, spec.suite, plan, given, sampling, args)
              for spec, dataset in zip(specs, datasets)}
   return results, specs
 

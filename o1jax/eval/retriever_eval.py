@@ -39,6 +39,12 @@ def index_corpus(retriever: Retriever, dataset: BeirDataset, backend: str = "aut
                   backend, k, cache_dir)
 
 
+def _search_and_score(retriever: Retriever, dataset: BeirDataset, query_ids: list[str], vectors, k: int,
+                      drop_self_hits: bool, measures: Sequence[str], relevance_level: int) -> evaluation.Evaluation:
+  hits = retriever.search_vectors(vectors, k, self_hit_ids=query_ids if drop_self_hits else None)
+  return evaluation.evaluate_run(dataset, {q: dict(h) for q, h in zip(query_ids, hits)}, measures, relevance_level)
+
+
 def evaluate(retriever: Retriever, dataset: BeirDataset, think: int, k: int = 1000, sampling: Sampling = Sampling(),
              rng: jax.Array | int = 0, drop_self_hits: bool = False,
              measures: Sequence[str] = metrics.DEFAULT_MEASURES, relevance_level: int = 1) -> evaluation.Evaluation:
@@ -54,8 +60,38 @@ def evaluate(retriever: Retriever, dataset: BeirDataset, think: int, k: int = 10
                 in zip(query_ids, queries, retriever.decode_thoughts(thought_ids), thought_ids)}
   else:
     vectors = retriever.encode_queries(queries)
-  hits = retriever.search_vectors(vectors, k, self_hit_ids=query_ids if drop_self_hits else None)
-  result = evaluation.evaluate_run(dataset, {q: dict(h) for q, h in zip(query_ids, hits)}, measures, relevance_level)
+  result = _search_and_score(retriever, dataset, query_ids, vectors, k, drop_self_hits, measures, relevance_level)
+  return dataclasses.replace(result, thoughts=thoughts)
+
+
+def missing_thoughts(dataset: BeirDataset, given: dict[str, QueryThoughts]) -> list[str]:
+  """The dataset's queries that `given` has no thoughts for, in dataset order."""
+  return [q for q in dataset.queries if q not in given]
+
+
+def evaluate_given_thoughts(retriever: Retriever, dataset: BeirDataset, given: dict[str, QueryThoughts],
+                            max_thought_tokens: int, k: int = 1000, drop_self_hits: bool = False,
+                            measures: Sequence[str] = metrics.DEFAULT_MEASURES,
+                            relevance_level: int = 1) -> evaluation.Evaluation:
+  """`evaluate` with thoughts written elsewhere (`given[query id]`, e.g. read by `thoughts_file.read_thoughts`):
+  each query embedded with each of its thoughts, cut to `max_thought_tokens` tokens (the budget the model's own
+  thoughts get), vectors averaged as for `think`. Thoughts with token ids are embedded as they are; text-only ones
+  are tokenized. `Evaluation.thoughts` holds what was embedded."""
+  missing = missing_thoughts(dataset, given)
+  if missing:
+    raise ValueError(f"no thoughts for {len(missing)} of {len(dataset.queries)} queries (first: {missing[0]!r})")
+  query_ids = list(dataset.queries)
+  queries = [dataset.queries[q] for q in query_ids]
+  thought_ids = []
+  for q in query_ids:
+    ids = given[q].token_ids
+    if ids is None:  # an empty text is the thought-dropped form
+      ids = [retriever.tokenize([text], f"query {q!r}: thought")[0] if text.strip() else [] for text in given[q].texts]
+    thought_ids.append([list(t[:max_thought_tokens]) for t in ids])
+  vectors = retriever.encode_with_thoughts(queries, thought_ids)
+  result = _search_and_score(retriever, dataset, query_ids, vectors, k, drop_self_hits, measures, relevance_level)
+  thoughts = {q: QueryThoughts(text, texts, ids) for q, text, texts, ids
+              in zip(query_ids, queries, retriever.decode_thoughts(thought_ids), thought_ids)}
   return dataclasses.replace(result, thoughts=thoughts)
 
 

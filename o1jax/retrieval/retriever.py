@@ -141,15 +141,15 @@ class Retriever:
     return self.encode_with_thoughts(queries, thoughts)
 
   def encode_with_thoughts(self, queries: Sequence[str], thoughts: Sequence[Sequence[Sequence[int]]]) -> np.ndarray:
-    """Unit query vectors [Q, D] from given thought ids (`thoughts[i]`: query i's, as `think` returns them):
-    the mean of the query+thought vectors, re-normalised. Every query needs the same number of thoughts."""
-    counts = {len(per_query) for per_query in thoughts}
-    if len(counts) > 1 or 0 in counts:
-      raise ValueError(f"every query needs the same number (>= 1) of thoughts, got {sorted(counts)}")
-    k = counts.pop() if counts else 1
+    """Unit query vectors [Q, D] from given thought ids (`thoughts[i]`: query i's, as `think` returns them, at least
+    one per query): the mean of each query's query+thought vectors, re-normalised."""
+    counts = [len(per_query) for per_query in thoughts]
+    if 0 in counts:
+      raise ValueError(f"query {counts.index(0)} has no thought (every query needs at least one)")
     sequences = self.query_sequences(queries, thoughts)
     vectors = self.embed_sequences([s for per_query in sequences for s in per_query])
-    mean = vectors.reshape(len(queries), k, -1).mean(axis=1)
+    starts = np.cumsum([0] + counts[:-1])
+    mean = np.add.reduceat(vectors, starts, axis=0) / np.asarray(counts, np.float32)[:, None] if counts else vectors
     return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
 
   def encode_docs(self, docs: Sequence[str], cache_dir: str | os.PathLike | None = None) -> np.ndarray:
