@@ -203,3 +203,50 @@ def test_tpu_two_slices_report(tmp_path):
   assert state_bytes / 4 <= train["argument_bytes"] < state_bytes / 2  # sharded 4 ways, not 8, not replicated
   assert report["fits"] and 0.95 < train["compiled_flops"] / report["analytic_flops_per_step"] < 1.2
   assert "data over 2 slices (DCN) x 1 within each" in proc.stdout and proc.stdout.rstrip().endswith("FITS")
+
+
+@needs_libtpu
+def test_splash_attention_compiles_into_the_tpu_program_from_this_machine():
+  """The model lowered for a v5e-4 slice (the mesh's platform, not this CPU's) carries the Mosaic kernel with
+  attention=splash and none with the einsum; both compile with libtpu. Mistral-shaped heads (head_dim 128, 4 query
+  heads per kv head, a 512-token window) at 1,024 tokens, batch and kv heads sharded."""
+  code = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from o1jax import sharding
+from o1jax.aot import topology
+from o1jax.model import Decoder, ModelConfig, init_params
+devices = topology.resolve_topology("v5e-4").devices
+mesh = Mesh(np.array(devices).reshape(2, 1, 2), sharding.MESH_AXES)
+cfg = ModelConfig(family="mistral", vocab_size=512, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=128, sliding_window=512, dtype="bfloat16")
+params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())), params)
+rows = jax.ShapeDtypeStruct((4, 1024), jnp.int32, sharding=NamedSharding(mesh, P("data")))
+for attention in ("einsum", "splash"):
+  with sharding.activation_rules(mesh):
+    lowered = jax.jit(lambda p, ids, mask: Decoder(cfg.replace(attention=attention)).apply(
+        {"params": p}, ids, jnp.cumsum(mask, axis=1) - 1, mask)).lower(params, rows, rows)
+  compiled = lowered.compile()
+  print(attention, "tpu_custom_call" in lowered.as_text(), compiled.memory_analysis().temp_size_in_bytes)
+"""
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        env=subprocess_env())
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  kernel = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines()}
+  assert kernel == {"einsum": "False", "splash": "True"}, proc.stdout
+
+
+@needs_libtpu
+def test_attention_comparison_reports_each_implementation(tmp_path):
+  out = tmp_path / "report.json"
+  proc = run_aot(TINY, ONE_LAYER, "--topology=v5e-4", "--encode_rows=8", "--encode_length=128",
+                 "--attention=einsum,splash", f"--json={out}")
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  reports = json.loads(out.read_text())
+  assert list(reports) == ["einsum", "splash"] and all(r["fits"] for r in reports.values())
+  table = proc.stdout[proc.stdout.index("attention   train_step total"):].splitlines()
+  assert [line.split()[0] for line in table[1:]] == ["einsum", "splash"]
+  for line, report in zip(table[1:], reports.values()):
+    assert f"{report['steps']['encode_step']['total_bytes'] / 2**20:.2f} MiB" in line
+  assert run_aot(TINY, "--topology=cpu-8", "--attention=flash").returncode == 2

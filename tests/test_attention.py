@@ -1,8 +1,10 @@
 """Attention implementations, named remat policies and unrolled layers.
 
 Every implementation that runs on this CPU equals the einsum reference on left- and right-padded rows, grouped
-query attention and Mistral's sliding window, through prefill and KV-cache decoding; cuDNN, which needs a GPU,
-falls back with one log line. Every remat policy gives the gradients of no remat, and the named ones keep what
+query attention and Mistral's sliding window, through prefill and KV-cache decoding; splash (Pallas' TPU kernel,
+through its interpreter here) equals it in values and gradients, and inside the model on a mesh that shards batch
+and kv heads; cuDNN, which needs a GPU, and splash where it cannot run (lengths, KV cache) fall back with one log
+line. Every remat policy gives the gradients of no remat, and the named ones keep what
 their names say (compiled temporary memory between `full` and `none`). Unrolled layers compute what the layer
 loop computes.
 """
@@ -13,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from o1jax import sharding
 from o1jax.generate import Generator
 from o1jax.model import REMAT_POLICIES, Decoder, ModelConfig, init_params, pooling
 from o1jax.model.attention import attend
@@ -36,23 +39,60 @@ def padded_rows(seed, rows=4, length=12):
   return ids, mask
 
 
-@pytest.mark.parametrize("window", [None, 3])
-def test_xla_attention_equals_einsum_on_every_real_query(window):
-  rs = np.random.RandomState(0)
-  b, t, heads, kv_heads, hd = 3, 10, 6, 2, 8
+def grouped_qkv(seed, t, heads, hd, window, kv_heads=2, b=3):
+  """Random q, k, v of grouped-query attention over `b` rows of `t` tokens (row 0 right-padded from 70%, row 1
+  left-padded to 12%), which keys are real, and the causal mask (within `window`) over them."""
+  rs = np.random.RandomState(seed)
   q = jnp.asarray(rs.randn(b, t, heads, hd), jnp.float32)
   k, v = (jnp.asarray(rs.randn(b, t, kv_heads, hd), jnp.float32) for _ in range(2))
   valid = np.ones((b, t), bool)
-  valid[0, 7:] = False  # right padding
-  valid[1, :4] = False  # left padding
-  slots = jnp.arange(t)
-  mask = attention_mask(slots, slots, jnp.asarray(valid), window)
+  valid[0, int(0.7 * t):] = False
+  valid[1, :int(0.12 * t) + 1] = False
+  return q, k, v, valid, attention_mask(jnp.arange(t), jnp.arange(t), jnp.asarray(valid), window)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_xla_attention_equals_einsum_on_every_real_query(window):
+  q, k, v, valid, mask = grouped_qkv(0, t=10, heads=6, hd=8, window=window)
   reference = np.asarray(attend(q, k, v, mask, "einsum"))
   got = np.asarray(attend(q, k, v, mask, "xla"))
   np.testing.assert_allclose(got[valid], reference[valid], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "cudnn", "auto"])
+@pytest.mark.parametrize("window", [None, 100])
+def test_splash_attention_equals_einsum_in_values_and_gradients(window):
+  q, k, v, valid, mask = grouped_qkv(1, t=256, heads=4, hd=16, window=window)
+
+  def loss(implementation):
+    def f(q, k, v):
+      out = attend(q, k, v, mask, implementation, jnp.asarray(valid), window)
+      return jnp.sum((out * valid[:, :, None]) ** 2), out
+    return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)
+
+  (_, want), want_grads = loss("einsum")(q, k, v)
+  (_, got), got_grads = loss("splash")(q, k, v)
+  np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], rtol=1e-5, atol=2e-6)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_splash_in_the_model_on_a_mesh_equals_the_einsum_model():
+  """Batch rows and kv heads sharded over 8 CPU devices: the kernel runs per device inside shard_map."""
+  cfg = CFG.replace(sliding_window=100)
+  params = init_params(cfg, jax.random.key(3))
+  ids, mask = padded_rows(4, rows=8, length=128)
+  mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+  def hidden(attention):
+    with sharding.activation_rules(mesh):
+      apply = jax.jit(lambda p, i, m: Decoder(cfg.replace(attention=attention)).apply(
+          {"params": p}, i, pooling.positions(m), m))
+      return np.asarray(apply(params, ids, mask))
+
+  np.testing.assert_allclose(hidden("splash")[mask == 1], hidden("einsum")[mask == 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "cudnn", "splash", "auto"])
 def test_model_outputs_equal_the_einsum_model(implementation, caplog):
   params = init_params(CFG, jax.random.key(0))
   ids, mask = padded_rows(1)
@@ -67,18 +107,22 @@ def test_model_outputs_equal_the_einsum_model(implementation, caplog):
                              atol=1e-5)
   if implementation == "cudnn":  # no GPU here: one line says so
     assert "attention=cudnn: no GPU" in caplog.text
+  if implementation == "splash":  # 12 tokens: not a length the kernel's blocks tile
+    assert "attention=splash: lengths 12 x 12 are not one multiple of 128; using the einsum" in caplog.text
 
 
-def test_prefill_and_decoding_equal_the_einsum_model():
+def test_prefill_and_decoding_equal_the_einsum_model(caplog):
   params = init_params(CFG, jax.random.key(1))
   prompts = [[5, 9, 14, 3, 77, 41, 8], [12, 40], [7, 7, 7, 50, 61]]  # left-padded inside the generator
-  outputs = [Generator(CFG.replace(attention=a), params, eos_ids=[2], pad_id=0).generate(prompts, max_new_tokens=9)
-             for a in ("einsum", "xla")]
-  assert outputs[0] == outputs[1]
+  with caplog.at_level(logging.INFO):
+    outputs = [Generator(CFG.replace(attention=a), params, eos_ids=[2], pad_id=0).generate(prompts, max_new_tokens=9)
+               for a in ("einsum", "xla", "splash")]
+  assert outputs[0] == outputs[1] == outputs[2]
+  assert "attention=splash: splash takes attention without a KV cache" in caplog.text
 
 
 def test_unknown_implementation_is_named():
-  with pytest.raises(ValueError, match="attention='flash'; expected one of auto, einsum, xla, cudnn"):
+  with pytest.raises(ValueError, match="attention='flash'; expected one of auto, einsum, xla, cudnn, splash"):
     CFG.replace(attention="flash")
 
 

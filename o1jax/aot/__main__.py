@@ -9,6 +9,9 @@ per-device memory (arguments, outputs, temporaries, total vs the chip's HBM), co
 analytic count, and tokens per step. Exit status 1 when either step does not fit (or the compiler runs out of
 memory), 2 on a bad command line or config. `--slices=N` compiles for N such slices joined over the data-center
 network, the data axis across them (config.mesh.dcn_data, set to N unless the config gives it).
+`--attention=einsum,splash` compiles both steps once per attention implementation (config.model.attention) and ends
+with their per-device memory side by side; with `--encode_length=8192` that is what a fused kernel saves on long
+documents. The JSON then holds one report per implementation.
 
 Topologies: see `o1jax.aot.topology`; the report: `o1jax.aot.fit`.
 """
@@ -23,9 +26,10 @@ from collections.abc import Sequence
 import jax
 
 from o1jax import config as o1config, sharding
-from o1jax.aot.fit import EVAL_DOC_LENGTH, fit_report, format_report
+from o1jax.aot.fit import EVAL_DOC_LENGTH, fit_report, format_comparison, format_report
 from o1jax.aot.topology import resolve_topology
 from o1jax.files import atomic_write_json
+from o1jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 
 
 def main(argv: Sequence[str]) -> int:
@@ -39,6 +43,8 @@ def main(argv: Sequence[str]) -> int:
                       help="rows of the encode step (default: the training batch's passages)")
   parser.add_argument("--encode_length", type=int, default=EVAL_DOC_LENGTH, help="tokens per encoded row")
   parser.add_argument("--json", default="", help="also write the report as JSON to this path")
+  parser.add_argument("--attention", default="", help="comma-separated implementations to compare (e.g. "
+                      "einsum,splash); default: the config's")
   args, config_argv = parser.parse_known_args(argv)
   cpu = re.fullmatch(r"cpu-(\d+)", args.topology)
   if cpu and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -51,14 +57,23 @@ def main(argv: Sequence[str]) -> int:
     if args.slices > 1 and sharding.dcn_data(config.mesh) == 1:
       config.mesh.dcn_data = args.slices
     topology = resolve_topology(args.topology, args.hbm_gib, args.slices)
-    report = fit_report(config, topology, args.encode_rows, args.encode_length)
+    implementations = [a.strip() for a in args.attention.split(",") if a.strip()]
+    for implementation in implementations:
+      if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"--attention: {implementation!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    reports = {}
+    for implementation in implementations or [config.model.attention]:
+      config.model.attention = implementation
+      reports[implementation] = fit_report(config, topology, args.encode_rows, args.encode_length)
+      print(format_report(reports[implementation]))
   except ValueError as e:  # ConfigError included
     print(f"o1jax.aot: {e}", file=sys.stderr)
     return 2
-  print(format_report(report))
+  if len(implementations) > 1:
+    print(format_comparison(reports))
   if args.json:
-    atomic_write_json(args.json, report)
-  return 0 if report["fits"] else 1
+    atomic_write_json(args.json, reports if len(implementations) > 1 else next(iter(reports.values())))
+  return 0 if all(report["fits"] for report in reports.values()) else 1
 
 
 def cli() -> None:

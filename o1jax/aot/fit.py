@@ -167,3 +167,20 @@ def format_report(report: dict[str, Any]) -> str:
                    f"{step['compiled_flops'] / report['analytic_flops_per_step']:.3f} x analytic")
   lines.append("FITS" if report["fits"] else "DOES NOT FIT")
   return "\n".join(lines)
+
+
+def format_comparison(reports: dict[str, dict[str, Any]]) -> str:
+  """Per-device memory of each step under each attention implementation (`reports`: implementation -> report)."""
+  first = next(iter(reports.values()))
+  lines = [f"attention   train_step total   encode_step total ({first['encode_rows']} rows x "
+           f"{first['encode_length']} tokens), per device of {_size(first['hbm_bytes_per_device']).strip()}"]
+  for implementation, report in reports.items():
+    cells = []
+    for name in ("train_step", "encode_step"):
+      step = report["steps"][name]
+      if step["error"] and not step["total_bytes"]:
+        cells.append("compiler out of memory")
+      else:
+        cells.append(_size(step["total_bytes"]) + ("" if step["fits"] else " (does not fit)"))
+    lines.append(f"{implementation:10s}{cells[0]:>19s}   {cells[1]}")
+  return "\n".join(lines)

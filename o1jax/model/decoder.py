@@ -85,7 +85,8 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, k_cache=None, v_cache=None, index=None):
+  def __call__(self, x, cos, sin, mask, key_valid=None, k_cache=None, v_cache=None, index=None):
+    """`key_valid` [B, T]: which tokens are real, given when `mask` is plain causal attention over them (no cache)."""
     cfg = self.cfg
     b, t, _ = x.shape
     heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -98,7 +99,7 @@ class Attention(nn.Module):
       k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
       v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
       k, v = k_cache, v_cache
-    out = checkpoint_name(attend(q, k, v, mask, cfg.attention), CONTEXT)
+    out = checkpoint_name(attend(q, k, v, mask, cfg.attention, key_valid, cfg.sliding_window), CONTEXT)
     # Llama's optional attention bias covers o_proj too; Qwen2's does not.
     o_bias = cfg.attention_bias and cfg.family == "llama"
     out = _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj", o_bias)(out)
@@ -122,13 +123,13 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, cos, sin, mask, index):
+  def __call__(self, carry, cos, sin, mask, key_valid, index):
     x, k_all, v_all, layer = carry
     k_cache = v_cache = None
     if k_all is not None:
       k_cache, v_cache = k_all[layer], v_all[layer]
     h, k_cache, v_cache = Attention(self.cfg, name="self_attn")(
-        RMSNorm(self.cfg, name="input_layernorm")(x), cos, sin, mask, k_cache, v_cache, index)
+        RMSNorm(self.cfg, name="input_layernorm")(x), cos, sin, mask, key_valid, k_cache, v_cache, index)
     x = x + h
     x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attention_layernorm")(x))
     x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
@@ -162,7 +163,7 @@ class Decoder(nn.Module):
       layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
     self.layers = nn.scan(
         layer, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast,) * 5,
         length=cfg.num_hidden_layers, unroll=cfg.num_hidden_layers if cfg.unroll_layers else 1,
         metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
     self.norm = RMSNorm(cfg)
@@ -179,12 +180,12 @@ class Decoder(nn.Module):
     if cache is None:
       slots = jnp.arange(t)
       mask = attention_mask(slots, slots, valid, self.cfg.sliding_window)
-      (x, _, _, _), _ = self.layers((x, None, None, jnp.int32(0)), cos, sin, mask, None)
+      (x, _, _, _), _ = self.layers((x, None, None, jnp.int32(0)), cos, sin, mask, valid, None)
       return self.norm(x)
     valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
     q_slots = cache.index + jnp.arange(t)
     mask = attention_mask(q_slots, jnp.arange(valid.shape[1]), valid, self.cfg.sliding_window)
-    (x, k, v, _), _ = self.layers((x, cache.k, cache.v, jnp.int32(0)), cos, sin, mask, cache.index)
+    (x, k, v, _), _ = self.layers((x, cache.k, cache.v, jnp.int32(0)), cos, sin, mask, None, cache.index)
     return self.norm(x), KVCache(k, v, valid, cache.index + t)
 
   def _embed(self, input_ids):
