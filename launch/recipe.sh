@@ -25,8 +25,13 @@
 #   train_contrastive  the same config, shards and steps with w_gen=0 and thought_drop=1: every query is trained
 #                in its thought-dropped form and no loss is put on thoughts (contrastive only).
 #   contrastive  o1jax.eval: that model without thinking (it never learnt to think).                   (b)
-#   compare      o1jax.eval.compare, query by query on nDCG@10: (a) thinking against (a) without thinking, and
-#                against (b); each writes eval/trained/compare-<other>.json. Cheap, so rerun every time.
+#   diagnose     data_tools.diagnose on the test queries: the expert's thoughts (its first candidate; the committee's
+#                choice, which saw a relevant document), an oracle thought (a relevant document's first 32 words),
+#                and how close each source's thoughts, (a)'s included, come to the relevant documents.
+#   diagnosis    o1jax.eval: (a) embedding each query with those thoughts in place of its own.
+#   compare      o1jax.eval.compare, query by query on nDCG@10: (a) thinking against (a) without thinking and
+#                against (b) (eval/trained/compare-<other>.json); the expert's and the oracle's thoughts against no
+#                thinking (eval/diagnosis/compare-<source>-no-think.json). Cheap, so rerun every time.
 #   report       launch.report: OUT/results.md (the table and the p-values) and OUT/results.png.
 # A finished stage leaves OUT/stages/NAME.seconds (its wall time) and is skipped when the script is run again;
 # an interrupted one resumes: synthesis keeps whole shards, training restores its last checkpoint, and document
@@ -126,10 +131,28 @@ stage train_contrastive python -m o1jax.train "${train_args[@]}" --config.checkp
 stage contrastive python -m o1jax.eval --checkpoint="$out/train_contrastive" --think=off --baselines= \
   --out="$out/eval/contrastive-only" "${eval_args[@]}"
 
-# Thinking against each alternative on the same queries (paired tests; the p-values the report quotes).
-for other in "no-think:$out/eval/trained/o1jax_no-think.trec" \
-             "contrastive-only:$out/eval/contrastive-only/o1jax_no-think.trec"; do
-  o1_run python -m o1jax.eval.compare "$out/eval/trained/o1jax_think_3.trec" "${other#*:}" --qrels="$test_qrels" \
-    --names="think=3,${other%%:*}" --json="$out/eval/trained/compare-${other%%:*}.json"
+# Where the gain is lost, on the same test queries: the expert's own thoughts (its first candidate, and the one the
+# committee chose by comparing with a relevant document) and an oracle thought (a relevant document's first words),
+# each embedded by (a) in place of its own, with how close every source's thoughts come to the relevant documents.
+stage diagnose python -m data_tools.diagnose --dataset="$dataset" --split="$test_split" --max_queries="$max_queries" \
+  --out="$out/diagnosis" --expert=local --model="$gguf" --members=bm25,st --k=2 --num_examples=0 \
+  --max_new_tokens=40 --batch_size=64 --score=trained="$out/eval/trained/o1jax_think_3.thoughts.jsonl"
+stage diagnosis python -m o1jax.eval --checkpoint="$out/train" --think=off --max_new_tokens=40 --baselines= \
+  --thoughts_from=expert="$out/diagnosis/expert.thoughts.jsonl" \
+  --thoughts_from=expert-chosen="$out/diagnosis/expert-chosen.thoughts.jsonl" \
+  --thoughts_from=oracle="$out/diagnosis/oracle.thoughts.jsonl" --out="$out/eval/diagnosis" "${eval_args[@]}"
+
+# Paired tests on the same queries (the p-values the report quotes): thinking against each alternative, and the
+# given thoughts against no thinking.
+compare() {  # RUN_A NAME_A RUN_B NAME_B JSON
+  o1_run python -m o1jax.eval.compare "$1" "$3" --qrels="$test_qrels" --names="$2,$4" --json="$5"
+}
+trained="$out/eval/trained" diagnosis="$out/eval/diagnosis"
+compare "$trained/o1jax_think_3.trec" think=3 "$trained/o1jax_no-think.trec" no-think "$trained/compare-no-think.json"
+compare "$trained/o1jax_think_3.trec" think=3 "$out/eval/contrastive-only/o1jax_no-think.trec" contrastive-only \
+  "$trained/compare-contrastive-only.json"
+for given in expert oracle; do
+  compare "$diagnosis/o1jax_thoughts_$given.trec" "thoughts=$given" "$trained/o1jax_no-think.trec" no-think \
+    "$diagnosis/compare-$given-no-think.json"
 done
 o1_run python -m launch.report --run="$out"

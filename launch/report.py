@@ -4,11 +4,14 @@ Reads what `launch/recipe.sh` (and `launch/scifact.sh`) leaves in the run direct
   eval/<name>/summary.json     `python -m o1jax.eval --out` of each evaluated checkpoint (o1jax rows are labelled
                                "<name>, think=K" / "<name>, no thinking"; baselines are listed once)
   eval/<name>/compare-*.json   `python -m o1jax.eval.compare --json` of two of those runs (optional)
+  diagnosis/quality.json       `python -m data_tools.diagnose`: how close each source's thoughts come to the relevant
+                               documents (optional; eval/diagnosis holds the trained model's rows with those thoughts,
+                               labelled "trained, thoughts=NAME")
   train_metrics.jsonl          the trainer's logged steps (`--config.log.jsonl`)
   train_contrastive_metrics.jsonl  the same for the model trained without thoughts (optional)
   stages/<stage>.seconds       the wall time of each stage
-and writes results.md (the table, the paired comparisons with their commands and the wall times, as pasted into
-the README) and results.png (training curves and nDCG@10 bars), printing the table. Run it from the repository
+and writes results.md (the table, the paired comparisons with their commands, the thought-quality table, a few
+queries' thoughts verbatim and the wall times, as pasted into the README) and results.png (training curves and nDCG@10 bars), printing the table. Run it from the repository
 root.
 """
 from __future__ import annotations
@@ -24,9 +27,21 @@ from collections.abc import Sequence
 from o1jax.files import atomic_write_text
 
 MEASURES = (("ndcg@10", "nDCG@10"), ("mrr@10", "MRR@10"), ("recall@100", "Recall@100"))
-STAGE_ORDER = ("thoughts", "convert", "untrained", "train", "trained", "train_contrastive", "contrastive")
+STAGE_ORDER = ("thoughts", "convert", "untrained", "train", "trained", "train_contrastive", "contrastive", "diagnose",
+               "diagnosis")
 # Table order of the evaluated checkpoints (eval/<name>): the thinking model, its ablation, then the start point.
-FOLDER_ORDER = ("trained", "contrastive-only", "untrained")
+FOLDER_ORDER = ("trained", "diagnosis", "contrastive-only", "untrained")
+# eval/diagnosis evaluates the trained checkpoint with thoughts given to it.
+CHECKPOINT_OF = {"diagnosis": "trained"}
+# What each source of `data_tools.diagnose` is, for the legend under the table.
+SOURCES = {"query": "the query text itself, as if it were the thought",
+           "expert": "the expert's first candidate (what it writes without seeing any label)",
+           "expert-random": "every candidate of the expert (the mean: a candidate drawn at random)",
+           "expert-chosen": "the committee's choice among the expert's candidates; the committee compared them with a "
+                            "relevant document, so this one is label-informed",
+           "trained": "the trained model's own thoughts, the 3 per query it was evaluated with",
+           "oracle": "the first words of a relevant document: an upper bound, not a system"}
+EXAMPLES = 3  # queries whose thoughts the report shows verbatim
 # What the report quotes of a comparison, all written by `python -m o1jax.eval.compare --json`.
 COMPARISON_KEYS = ("names", "measure", "queries", "wins", "ties", "losses", "mean_a", "mean_b", "mean_difference",
                    "confidence", "ci_low", "ci_high", "randomization_pvalue", "t_pvalue", "command")
@@ -40,14 +55,17 @@ class RunResults:
   ours: list[str]  # the rows of o1jax checkpoints (the others are baselines)
   contrastive_steps: list[dict[str, float]]  # the logged steps of the model trained without thoughts, if any
   comparisons: list[dict]  # `python -m o1jax.eval.compare --json` results, if any
+  quality: dict | None = None  # diagnosis/quality.json, if any
+  examples: list[dict[str, str]] = dataclasses.field(default_factory=list)  # {"query", source: its first thought}
 
 
 def _label(folder: str, system: str) -> str | None:
   """The table label of an o1jax row, or None for a baseline."""
+  checkpoint = CHECKPOINT_OF.get(folder, folder)
   if system == "o1jax no-think":
-    return f"{folder}, no thinking"
-  match = re.fullmatch(r"o1jax think=(\d+)", system)
-  return f"{folder}, think={match.group(1)}" if match else None
+    return f"{checkpoint}, no thinking"
+  match = re.fullmatch(r"o1jax (think|thoughts)=(.+)", system)
+  return f"{checkpoint}, {match.group(1)}={match.group(2)}" if match else None
 
 
 def collect(run: str | pathlib.Path) -> RunResults:
@@ -69,12 +87,41 @@ def collect(run: str | pathlib.Path) -> RunResults:
       if label is None:
         baselines.setdefault(system, values)
       else:
-        ours[label] = values
+        ours.setdefault(label, values)
   seconds = {p.stem: int(p.read_text()) for p in (run / "stages").glob("*.seconds")}
   seconds = {name: seconds[name] for name in sorted(seconds, key=lambda name: _rank(name, STAGE_ORDER))}
-  comparisons = [_comparison(path) for path in sorted(run.glob("eval/*/compare-*.json"))]
+  comparisons = [_comparison(path) for path in sorted(run.glob("eval/*/compare-*.json"),
+                                                      key=lambda p: (_rank(p.parent.name, FOLDER_ORDER), p.name))]
+  quality_path = run / "diagnosis" / "quality.json"
+  quality = _json_file(quality_path, "python -m data_tools.diagnose") if quality_path.exists() else None
   return RunResults({**ours, **baselines}, _logged_steps(run / "train_metrics.jsonl"), seconds, list(ours),
-                    _logged_steps(run / "train_contrastive_metrics.jsonl"), comparisons)
+                    _logged_steps(run / "train_contrastive_metrics.jsonl"), comparisons, quality, _examples(run))
+
+
+def _json_file(path: pathlib.Path, writer: str) -> dict:
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not a JSON file of `{writer}` ({e})") from e
+
+
+def _examples(run: pathlib.Path) -> list[dict[str, str]]:
+  """The first EXAMPLES queries of the trained model's thoughts file with its first thought and the first of every
+  diagnosis source that has a thoughts file."""
+  files = {"trained model": run / "eval" / "trained" / "o1jax_think_3.thoughts.jsonl",
+           **{source: run / "diagnosis" / f"{source}.thoughts.jsonl" for source in ("expert", "expert-chosen")}}
+  if not files["trained model"].exists():
+    return []
+  read = {name: [json.loads(line) for line in path.read_text().splitlines()[:EXAMPLES]]
+          for name, path in files.items() if path.exists()}
+  examples = []
+  for i, record in enumerate(read["trained model"]):
+    example = {"query": record["query"]}
+    for name, records in read.items():
+      if i < len(records) and records[i]["query_id"] == record["query_id"]:
+        example[name] = records[i]["thoughts"][0]
+    examples.append(example)
+  return examples
 
 
 def _rank(name: str, order: Sequence[str]) -> tuple[int, str]:
@@ -83,10 +130,7 @@ def _rank(name: str, order: Sequence[str]) -> tuple[int, str]:
 
 
 def _comparison(path: pathlib.Path) -> dict:
-  try:
-    comparison = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not a JSON file of `python -m o1jax.eval.compare --json` ({e})") from e
+  comparison = _json_file(path, "python -m o1jax.eval.compare --json")
   missing = [key for key in COMPARISON_KEYS if key not in comparison] if isinstance(comparison, dict) else ["keys"]
   if missing:
     raise ValueError(f"{path}: not a JSON file of `python -m o1jax.eval.compare --json` (no {', '.join(missing)})")
@@ -124,6 +168,14 @@ def render_markdown(results: RunResults) -> str:
                    f"{c['wins']} / {c['ties']} / {c['losses']} | {c['mean_difference']:+.4f} | {interval} | "
                    f"{c['randomization_pvalue']:.4f} | {t_p} |")
     lines += ["", "```bash", *(c["command"] for c in results.comparisons), "```"]
+  if results.quality:
+    lines += _quality_lines(results.quality)
+  if results.examples:
+    lines += ["", f"Thoughts, verbatim, for the first {len(results.examples)} test queries (the trained model's first "
+                  "of 3; the expert's):"]
+    for example in results.examples:
+      lines += ["", f"- query: {_quote(example['query'])}"]
+      lines += [f"  - {name}: {_quote(text)}" for name, text in example.items() if name != "query"]
   if results.stage_seconds:
     total = sum(results.stage_seconds.values())
     times = ", ".join(f"{name} {s / 60:.1f}" for name, s in results.stage_seconds.items())
@@ -137,6 +189,35 @@ def render_markdown(results: RunResults) -> str:
     lines += ["", f"Training without thoughts: {int(last['step'])} steps; last step loss_ctr {last['loss_ctr']:.4f}, "
                   f"in-batch top-1 accuracy {last['acc_top1']:.3f}."]
   return "\n".join(lines) + "\n"
+
+
+def _quote(text: str) -> str:
+  return "“" + " ".join(text.split()).replace("|", "\\|") + "”"
+
+
+def _quality_lines(quality: dict) -> list[str]:
+  """The thought-quality table of `data_tools.diagnose`, its legend and the committee's view of its choice."""
+  lines = ["", f"Thought quality on the same {quality['queries']} test queries (`python -m data_tools.diagnose`; "
+               "MiniLM cosine with the query's first relevant document; share of a thought's words found in a "
+               "relevant document; relevant-document words a thought adds that the query lacks):", "",
+           "| thoughts | per query | words | MiniLM cosine | words in a relevant doc | new relevant words |",
+           "|---|---:|---:|---:|---:|---:|"]
+  sources = quality["sources"]
+  order = [name for name in SOURCES if name in sources and name != "oracle"]
+  order += sorted(name for name in sources if name not in SOURCES) + ["oracle"] * ("oracle" in sources)
+  for name in order:
+    q = sources[name]
+    lines.append(f"| {name} | {q['thoughts_per_query']:.1f} | {q['words']:.1f} | {q['minilm_cosine']:.3f} | "
+                 f"{q['share_in_relevant']:.3f} | {q['new_relevant_words']:.2f} |")
+  lines += ["", *(f"- {name}: {SOURCES.get(name, 'a thoughts file given to the diagnosis (--score)')}"
+                  for name in order)]
+  committee = quality["committee"]
+  members = ", ".join(f"{name} {view['chosen']:.2f} vs {view['random']:.2f}" for name, view in committee.items()
+                      if isinstance(view, dict))
+  lines += ["", f"The committee's choice among the expert's {quality['k']} candidates against a random one (mean "
+                f"member score): {members}; the first candidate won {committee['first_candidate_won']:.0%} of the "
+                "votes.", "", "```bash", quality["command"], "```"]
+  return lines
 
 
 def render_figure(results: RunResults, path: str | pathlib.Path) -> None:

@@ -1,6 +1,7 @@
 """The thinking ablation recipe (`launch/recipe.sh`; `launch/scifact.sh` is its SciFact preset, README "Results"):
-the script runs every stage for real on a SciFact subset with SmolLM2-135M, both trained arms and both paired
-comparisons included, and reports one table; a second run skips finished stages; the CoSQA preset's commands are
+the script runs every stage for real on a SciFact subset with SmolLM2-135M, both trained arms, the diagnosis (the
+expert's and an oracle's thoughts embedded by the trained model, thought quality) and every paired comparison
+included, and reports one table; a second run skips finished stages; the CoSQA preset's commands are
 checked dry; the committed results are what the report renders, and the README shows them; the report names bad
 input.
 """
@@ -23,11 +24,8 @@ pytestmark = pytest.mark.e2e
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "launch" / "results" / "scifact"
-ROWS = ["trained, think=3", "trained, no thinking", "contrastive-only, no thinking", "untrained, no thinking", "BM25",
-        "MiniLM-L6-v2"]
-# The committed SciFact run predates the contrastive-only arm and the comparisons.
-COMMITTED_ROWS = [row for row in ROWS if not row.startswith("contrastive-only")]
-COMMITTED_STAGES = ("thoughts", "convert", "untrained", "train", "trained")
+ROWS = ["trained, think=3", "trained, no thinking", "trained, thoughts=expert", "trained, thoughts=expert-chosen",
+        "trained, thoughts=oracle", "contrastive-only, no thinking", "untrained, no thinking", "BM25", "MiniLM-L6-v2"]
 
 
 def write_subset(full, directory: pathlib.Path, train_ids, test_ids, other_docs: int) -> pathlib.Path:
@@ -89,21 +87,56 @@ def test_every_stage_runs_and_the_report_is_one_table(quick_run):
   assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_both_comparisons_are_of_the_evaluated_runs_and_their_commands_reproduce_them(quick_run):
+def test_every_comparison_is_of_the_evaluated_runs_and_their_commands_reproduce_them(quick_run):
   out, _, proc = quick_run
   results = report.collect(out)
-  assert [c["names"] for c in results.comparisons] == [["think=3", "contrastive-only"], ["think=3", "no-think"]]
+  assert [c["names"] for c in results.comparisons] == [
+      ["think=3", "contrastive-only"], ["think=3", "no-think"], ["thoughts=expert", "no-think"],
+      ["thoughts=oracle", "no-think"]]
   markdown = (out / "results.md").read_text()
+  rows = {"think=3": "trained, think=3", "no-think": "trained, no thinking",
+          "contrastive-only": "contrastive-only, no thinking", "thoughts=expert": "trained, thoughts=expert",
+          "thoughts=oracle": "trained, thoughts=oracle"}
   for comparison in results.comparisons:
     # The means compared are the table's nDCG@10 (each from its own run file, through pytrec_eval both times).
-    other = {"no-think": "trained, no thinking", "contrastive-only": "contrastive-only, no thinking"}
-    assert comparison["mean_a"] == pytest.approx(results.rows["trained, think=3"]["ndcg@10"], abs=1e-12)
-    assert comparison["mean_b"] == pytest.approx(results.rows[other[comparison["names"][1]]]["ndcg@10"], abs=1e-12)
+    a, b = comparison["names"]
+    assert comparison["mean_a"] == pytest.approx(results.rows[rows[a]]["ndcg@10"], abs=1e-12)
+    assert comparison["mean_b"] == pytest.approx(results.rows[rows[b]]["ndcg@10"], abs=1e-12)
     assert comparison["queries"] == 4
     assert f"| {comparison['randomization_pvalue']:.4f} |" in markdown and comparison["command"] in markdown
     argv = shlex.split(comparison["command"])
     assert argv[:3] == ["python", "-m", "o1jax.eval.compare"]
     assert compare_main(argv[3:]).randomization_pvalue == comparison["randomization_pvalue"]
+
+
+def test_the_diagnosis_embeds_the_experts_and_an_oracles_thoughts_for_the_evaluated_queries(quick_run):
+  out, dataset, _ = quick_run
+  test = load_beir(dataset, "test")
+  evaluated = list(test.queries)  # --max_queries=4 of 4
+  diagnosis = out / "diagnosis"
+  written = {name: [json.loads(line) for line in (diagnosis / f"{name}.thoughts.jsonl").read_text().splitlines()]
+             for name in ("expert", "expert-chosen", "oracle")}
+  for records in written.values():
+    assert [r["query_id"] for r in records] == evaluated and all(len(r["thoughts"]) == 1 for r in records)
+  for record in written["oracle"]:
+    relevant = test.corpus[min(d for d, grade in test.qrels[record["query_id"]].items() if grade > 0)]
+    assert record["thoughts"] == [" ".join(f"{relevant.title} {relevant.text}".split()[:32])]
+  # The trained model embedded exactly those thoughts (cut to its 40-token budget) in the diagnosis rows.
+  embedded = [json.loads(line) for line in
+              (out / "eval" / "diagnosis" / "o1jax_thoughts_expert.thoughts.jsonl").read_text().splitlines()]
+  assert [r["query_id"] for r in embedded] == evaluated
+  assert all(0 < len(r["token_ids"][0]) <= 40 for r in embedded)
+  quality = json.loads((diagnosis / "quality.json").read_text())
+  assert quality["queries"] == 4 and quality["k"] == 2
+  assert set(quality["sources"]) == {"query", "expert", "expert-random", "expert-chosen", "oracle", "trained"}
+  assert quality["sources"]["trained"]["thoughts_per_query"] == 3  # the trained model's own, from its evaluation
+  assert quality["sources"]["oracle"]["share_in_relevant"] == 1.0
+  results = report.collect(out)
+  markdown = (out / "results.md").read_text()
+  assert f"| oracle | 1.0 | {quality['sources']['oracle']['words']:.1f} |" in markdown
+  assert quality["command"] in markdown and "Thoughts, verbatim, for the first 3 test queries" in markdown
+  assert [e["query"] for e in results.examples] == [test.queries[q] for q in evaluated[:3]]
+  assert results.examples[0]["expert"] == written["expert"][0]["thoughts"][0]
 
 
 def test_a_second_run_skips_finished_stages_and_retraining_reproduces_the_table(quick_run, shared_dir):
@@ -116,8 +149,8 @@ def test_a_second_run_skips_finished_stages_and_retraining_reproduces_the_table(
   (out / "train_metrics.jsonl").unlink()
   proc = recipe(shared_dir, out, dataset)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  # thoughts, convert, untrained, train_contrastive, contrastive
-  assert proc.stderr.count("done in an earlier run") == 5
+  # thoughts, convert, untrained, train_contrastive, contrastive, diagnose, diagnosis
+  assert proc.stderr.count("done in an earlier run") == 7
   after = report.collect(out)
   assert after.rows == before.rows  # same config and seed: the same metrics, to the last digit
   assert [s["loss"] for s in after.steps] == [s["loss"] for s in before.steps]
@@ -148,12 +181,13 @@ def test_cosqa_preset_trains_on_dev_and_evaluates_on_test(shared_dir, tmp_path):
   commands = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
   modules = [c[2] for c in commands]
   assert modules == ["data_tools.synthesize", "o1jax.convert", "o1jax.eval", "o1jax.train", "o1jax.eval", "o1jax.train",
-                     "o1jax.eval", "o1jax.eval.compare", "o1jax.eval.compare", "launch.report"]
+                     "o1jax.eval", "data_tools.diagnose", "o1jax.eval"] + ["o1jax.eval.compare"] * 4 + ["launch.report"]
   cosqa = shared_dir / "data" / "cosqa-retrieval"
   assert f"--dataset={cosqa}" in commands[0] and "--split=dev" in commands[0]
-  for evaluation in (commands[2], commands[4], commands[6]):
+  assert {f"--dataset={cosqa}", "--split=test"} <= set(commands[7])
+  for evaluation in (commands[2], commands[4], commands[6], commands[8]):
     assert {f"--dataset={cosqa}", "--split=test", "--doc_tokens=128"} <= set(evaluation)
-  assert all(f"--qrels={cosqa}/qrels/test.tsv" in c for c in commands[7:9])
+  assert all(f"--qrels={cosqa}/qrels/test.tsv" in c for c in commands[9:13])
   # The dev queries that train and the test queries that evaluate are different queries.
   dev, test = load_beir(cosqa, "dev"), load_beir(cosqa, "test")
   assert (len(dev.queries), len(test.queries)) == (500, 500) and not set(dev.queries) & set(test.queries)
@@ -181,9 +215,10 @@ def test_config_validates_with_the_shared_model(smollm2_gguf, tmp_path):
 
 def test_committed_results_are_the_reports_rendering_and_in_the_readme():
   results = report.collect(RESULTS)
-  assert list(results.rows) == COMMITTED_ROWS and results.ours == COMMITTED_ROWS[:3]
-  assert list(results.stage_seconds) == list(COMMITTED_STAGES)
-  assert not results.comparisons and not results.contrastive_steps
+  assert list(results.rows) == ROWS and results.ours == ROWS[:7]
+  assert list(results.stage_seconds) == list(report.STAGE_ORDER)
+  assert len(results.comparisons) == 4 and len(results.contrastive_steps) == 50 and len(results.examples) == 3
+  assert results.quality["queries"] == 300 and all(c["queries"] == 300 for c in results.comparisons)
   markdown = report.render_markdown(results)
   assert (RESULTS / "results.md").read_text() == markdown
   assert markdown in (ROOT / "README.md").read_text()
