@@ -1,4 +1,4 @@
-"""SmolLM2-135M fine-tuned into a thinking retriever on SciFact's train queries; trained here in 21.6 minutes.
+"""SmolLM2-135M fine-tuned into a thinking retriever on SciFact's train queries; trained here in 16.5 minutes.
 
 The README's results come from `launch/scifact.sh` (`launch/recipe.sh --preset=scifact`; the cosqa preset trains
 with this config too), which synthesizes the thoughts and then runs
@@ -6,7 +6,8 @@ with this config too), which synthesizes the thoughts and then runs
   python -m o1jax.train --config=configs/smollm2_135m_scifact.py --config.model.path=SmolLM2-135M-Instruct.Q4_1.gguf \
       --config.data.train_files="('runs/scifact/thoughts/train-*.tfrecord',)"
 
-Budget choices for a 2-core CPU (about 140 trained tokens/s for this model, 24 s a step), against METHOD §4's
+Budget choices for a 2-core CPU (about 180 trained tokens/s for this model, a median 19 s a step in the committed
+run, launch/results/scifact/train_metrics.jsonl, on a shared machine), against METHOD §4's
 reference:
 - one epoch of the 809 SciFact train queries: 16 queries x (1 positive + 1 mined hard negative) per step, so
   each query still meets 31 negatives in the batch;

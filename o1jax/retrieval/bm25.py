@@ -1,12 +1,17 @@
 """BM25 through bm25s: English stopwords and Snowball stemming (PyStemmer), Lucene's scoring variant."""
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import bm25s
 import numpy as np
 import Stemmer
 from bm25s.tokenization import Tokenizer
+
+
+# bm25s sets its own logger to DEBUG and logs every index build: the committee builds one per query.
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 
 def _tokenizer() -> Tokenizer:
