@@ -41,6 +41,7 @@ from data_tools.committee import Committee, DenseMember
 from o1jax import storage
 from o1jax.data import readers
 from o1jax.eval import retriever_eval
+from o1jax.eval import thoughts_file
 from o1jax.eval.thoughts_file import QueryThoughts, read_thoughts, write_thoughts
 from o1jax.files import atomic_write_json
 from o1jax.templates import document_text
@@ -73,20 +74,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   options.check_committee_options(p, args)
   if "st" not in args.members.split(","):
     p.error(f"--members={args.members}: the MiniLM cosine needs the st member")
-  args.score = _score_files(p, args.score)
+  try:
+    args.score = thoughts_file.named_files("--score", args.score, reserved=SOURCES)
+  except ValueError as e:
+    p.error(str(e))
   return args
-
-
-def _score_files(p: argparse.ArgumentParser, values: Sequence[str]) -> dict[str, str]:
-  files: dict[str, str] = {}
-  for value in values:
-    name, sep, path = value.partition("=")
-    if not sep or not name or not path or name in files or name in SOURCES:
-      p.error(f"--score={value}: expected NAME=FILE with a new NAME (not one of {', '.join(SOURCES)})")
-    if not storage.is_file(path):
-      p.error(f"--score={value}: no such file")
-    files[name] = path
-  return files
 
 
 SOURCES = ("query", "expert", "expert-random", "expert-chosen", "oracle")
@@ -184,10 +176,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   queries = load_queries(args)
   scored = {name: read_thoughts(path) for name, path in args.score.items()}
   for name, thoughts in scored.items():
-    missing = [q.query_id for q in queries if q.query_id not in thoughts]
-    if missing:
-      raise ValueError(f"--score={name}={args.score[name]}: no thoughts for {len(missing)} of the {len(queries)} "
-                       f"queries (first: {missing[0]!r})")
+    thoughts_file.check_covers(f"--score={name}={args.score[name]}", [q.query_id for q in queries], thoughts)
   committee = options.make_committee(args)
   dense = next(m for m in committee.members if isinstance(m, DenseMember))
   candidates = expert_candidates(args, queries)

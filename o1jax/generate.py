@@ -31,6 +31,9 @@ class Sampling:
   temperature: float = 0.1
   top_p: float = 0.9
   max_new_tokens: int = 128
+  # transformers' `repetition_penalty` (CTRL's): logits of tokens already in the prompt or the thought are divided
+  # by it (multiplied when negative); 1 = off. Small models fine-tuned briefly tend to loop in their thoughts.
+  repetition_penalty: float = 1.0
 
   def __post_init__(self):
     # A negative temperature flips the distribution and top_p > 1 or <= 0 keeps every token or none: generation
@@ -42,6 +45,8 @@ class Sampling:
     if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, numbers.Integral) \
         or self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be an integer >= 1")
+    if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+      raise ValueError(f"repetition_penalty={self.repetition_penalty}: must be a finite number > 0 (1 = off)")
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -84,16 +89,24 @@ def top_p_filter(logits: jnp.ndarray, top_p) -> jnp.ndarray:
   return jax.lax.cond(top_p >= 1, lambda: logits, nucleus)
 
 
+def penalize_repeats(logits: jnp.ndarray, seen: jnp.ndarray, penalty) -> jnp.ndarray:
+  """transformers' RepetitionPenaltyLogitsProcessor: logits of `seen` tokens [B, V] divided by `penalty` where
+  positive and multiplied where negative, so a penalty > 1 always makes them less likely."""
+  penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
+  return jnp.where(seen, penalized, logits)
+
+
 def sample_token(logits: jnp.ndarray, key: jax.Array, temperature, top_p) -> jnp.ndarray:
   """Samples from softmax(logits / temperature) restricted to the top_p nucleus."""
   filtered = top_p_filter(logits.astype(jnp.float32) / temperature, top_p)
   return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy"))
-def generate_padded(params, prompt_ids, prompt_mask, rng, temperature, top_p, eos_ids, pad_id, *,
-                    cfg: ModelConfig, max_new_tokens: int, greedy: bool):
-  """Generates from left-padded prompts [B, P].
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "penalize"))
+def generate_padded(params, prompt_ids, prompt_mask, rng, temperature, top_p, repetition_penalty, eos_ids, pad_id, *,
+                    cfg: ModelConfig, max_new_tokens: int, greedy: bool, penalize: bool = False):
+  """Generates from left-padded prompts [B, P]; `penalize` applies `repetition_penalty` to every token of a row's
+  prompt (its padding excluded) and of what it generated so far.
 
   Returns tokens [B, max_new_tokens] (pad after a row's EOS) and lengths [B] (new tokens up to and including EOS).
   """
@@ -102,34 +115,43 @@ def generate_padded(params, prompt_ids, prompt_mask, rng, temperature, top_p, eo
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
   cache = KVCache.empty(cfg, batch, prompt_len + max_new_tokens)
   hidden, cache = model.apply({"params": params}, prompt_ids, positions, prompt_mask, cache)
+  rows = jnp.arange(batch)
+  # Which vocabulary entries each row has seen ([B, V] bools): None when there is no penalty to apply.
+  seen = jnp.zeros((batch, cfg.vocab_size), bool).at[rows[:, None], prompt_ids].max(prompt_mask > 0) \
+      if penalize else None
 
-  def next_token(hidden_last, step):
+  def next_token(hidden_last, step, seen):
     logits = model.apply({"params": params}, hidden_last, method=Decoder.logits)
+    if penalize:
+      logits = penalize_repeats(logits, seen, repetition_penalty)
     if greedy:
-      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return sample_token(logits, jax.random.fold_in(rng, step), temperature, top_p)
+      token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+      token = sample_token(logits, jax.random.fold_in(rng, step), temperature, top_p)
+    return token, (seen.at[rows, token].set(True) if penalize else None)
 
-  first = next_token(hidden[:, -1], 0)
+  first, seen = next_token(hidden[:, -1], 0, seen)
   tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
   done = jnp.isin(first, eos_ids)
   lengths = jnp.ones((batch,), jnp.int32)
-  state = (jnp.int32(1), first, positions[:, -1] + 1, done, tokens, lengths, cache)
+  state = (jnp.int32(1), first, positions[:, -1] + 1, done, tokens, lengths, cache, seen)
 
   def cond(state):
     step, _, _, done, *_ = state
     return (step < max_new_tokens) & ~jnp.all(done)
 
   def body(state):
-    step, token, position, done, tokens, lengths, cache = state
+    step, token, position, done, tokens, lengths, cache, seen = state
     hidden, cache = model.apply({"params": params}, token[:, None], position[:, None],
                                 jnp.ones((batch, 1), jnp.int32), cache)
-    token = jnp.where(done, pad_id, next_token(hidden[:, -1], step))
+    token, seen = next_token(hidden[:, -1], step, seen)
+    token = jnp.where(done, pad_id, token)
     tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, step, axis=1)
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | jnp.isin(token, eos_ids)
-    return step + 1, token, position + 1, done, tokens, lengths, cache
+    return step + 1, token, position + 1, done, tokens, lengths, cache, seen
 
-  _, _, _, _, tokens, lengths, _ = jax.lax.while_loop(cond, body, state)
+  tokens, lengths = jax.lax.while_loop(cond, body, state)[4:6]
   return tokens, lengths
 
 
@@ -150,13 +172,14 @@ class Generator:
                                                      else self.eos_ids[0])
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
-               top_p: float = 1.0, rng: jax.Array | None = None) -> list[list[int]]:
+               top_p: float = 1.0, rng: jax.Array | None = None, repetition_penalty: float = 1.0
+               ) -> list[list[int]]:
     """New token ids for each prompt, ending with EOS when one was produced. temperature 0 is greedy."""
     if not prompts:
       return []
     if any(len(p) == 0 for p in prompts):
       raise ValueError("empty prompt: every prompt needs at least one token (e.g. BOS)")
-    Sampling(temperature, top_p, max_new_tokens)  # the same checks for callers that pass bare values
+    Sampling(temperature, top_p, max_new_tokens, repetition_penalty)  # the same checks for callers that pass bare values
     greedy = temperature == 0.0
     if not greedy and rng is None:
       raise ValueError("sampling (temperature > 0) needs an explicit PRNG key: rng=jax.random.key(seed)")
@@ -169,7 +192,8 @@ class Generator:
     mask[len(prompts):, -1] = 1  # filler rows: one token, so they stay well defined
     tokens, lengths = generate_padded(
         self.params, ids, mask, rng if rng is not None else jax.random.key(0), jnp.float32(max(temperature, 1e-6)),
-        jnp.float32(top_p), jnp.asarray(self.eos_ids, jnp.int32), jnp.int32(self.pad_id), cfg=self.cfg,
-        max_new_tokens=max_new_tokens, greedy=greedy)
+        jnp.float32(top_p), jnp.float32(repetition_penalty), jnp.asarray(self.eos_ids, jnp.int32),
+        jnp.int32(self.pad_id), cfg=self.cfg, max_new_tokens=max_new_tokens, greedy=greedy,
+        penalize=repetition_penalty != 1.0)
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
     return [tokens[row, :lengths[row]].tolist() for row in range(len(prompts))]

@@ -59,7 +59,7 @@ def run(*argv):
 @pytest.mark.parametrize("extra,status,message", [
     (["--num_examples=2"], 2, "--num_examples must be 0 here (examples would show other test queries' labels)"),
     (["--members=bm25"], 2, "--members=bm25: the MiniLM cosine needs the st member"),
-    (["--score=oracle={file}"], 2, "--score=oracle=", ),
+    (["--score=oracle={file}"], 2, "--score=oracle={file}: the name 'oracle' is taken (query, expert, "),
     (["--score=t={missing}"], 2, "no such file"),
     (["--score=t={file}"], 1, "python -m data_tools.diagnose: --score=t={file}: no thoughts for 1 of the 2 queries "
                               "(first: 'q2')"),

@@ -326,7 +326,7 @@ def test_text_thoughts_are_tokenized_cut_and_averaged_per_query(scifact_small, m
 
 @pytest.mark.parametrize("lines,extra,message", [
     (['{"query_id": "q1", "thoughts": ["a"]}'], [], r"--thoughts_from=t=.*t.jsonl: no thoughts for 1 of the 2 "
-                                                    r"evaluated queries \(first: 'q2'\)"),
+                                                    r"queries \(first: 'q2'\)"),
     (['{"query_id": "q1", "thoughts": ["a"]}', '{"query_id": "q2", "thoughts": []}'], [],
      r"t.jsonl, line 2, field 'thoughts': expected a non-empty list of strings"),
     (['{"query_id": "q1", "thoughts": ["a"], "token_ids": [[1, -2]]}'], [],

@@ -4,17 +4,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers.generation.logits_process import TopPLogitsWarper
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
 
-from o1jax.generate import TOP_P_CANDIDATES, Generator, Sampling, bucket, generate_padded, top_p_filter
+from o1jax.generate import (TOP_P_CANDIDATES, Generator, Sampling, bucket, generate_padded, penalize_repeats,
+                            top_p_filter)
 from o1jax.model import Decoder, ModelConfig, init_params
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, eos_token_id=3, pad_token_id=0)
 
 
-def full_reforward_greedy(cfg, params, prompt, steps, eos):
-  """Greedy decoding by re-running the whole sequence each step: the reference the cache must reproduce."""
+def full_reforward_greedy(cfg, params, prompt, steps, eos, repetition_penalty=None):
+  """Greedy decoding by re-running the whole sequence each step: the reference the cache must reproduce; with
+  transformers' repetition-penalty processor over the sequence so far when one is given."""
   width = 32  # right-padded to one width so the reference compiles once
   forward = jax.jit(lambda ids, mask: Decoder(cfg).apply({"params": params}, ids, jnp.arange(width)[None], mask,
                                                          method=Decoder.forward_logits)[1])
@@ -22,8 +24,11 @@ def full_reforward_greedy(cfg, params, prompt, steps, eos):
   for _ in range(steps):
     ids = np.zeros((1, width), np.int32)
     ids[0, :len(seq)] = seq
-    logits = forward(ids, (np.arange(width) < len(seq))[None].astype(np.int32))
-    seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+    logits = np.asarray(forward(ids, (np.arange(width) < len(seq))[None].astype(np.int32))[0, len(seq) - 1])
+    if repetition_penalty is not None:
+      logits = RepetitionPenaltyLogitsProcessor(repetition_penalty)(torch.tensor([seq]), torch.tensor(logits[None]))
+      logits = logits.numpy()[0]
+    seq.append(int(logits.argmax()))
     if seq[-1] in eos:
       break
   return seq[len(prompt):]
@@ -105,6 +110,8 @@ def test_sampling_is_seeded_and_top_p_matches_transformers():
     ("top_p", float("nan"), r"top_p=nan: must be in \(0, 1\]"),
     ("max_new_tokens", 0, r"max_new_tokens=0: must be an integer >= 1"),
     ("max_new_tokens", 2.5, r"max_new_tokens=2.5: must be an integer >= 1"),
+    ("repetition_penalty", 0.0, r"repetition_penalty=0.0: must be a finite number > 0 \(1 = off\)"),
+    ("repetition_penalty", float("nan"), r"repetition_penalty=nan: must be a finite number > 0"),
 ])
 def test_sampling_rejects_settings_outside_their_range(field, value, message):
   with pytest.raises(ValueError, match=message):
@@ -126,3 +133,32 @@ def test_sampling_accepts_the_edges():
   kept = np.isfinite(np.asarray(top_p_filter(jnp.asarray(logits), Sampling(top_p=1e-6).top_p)))
   np.testing.assert_array_equal(kept, np.isfinite(TopPLogitsWarper(1e-6)(None, torch.tensor(logits)).numpy()))
   assert (kept.sum(-1) == 1).all()
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_equals_transformers_processor(penalty):
+  """The same logits as transformers' processor over the same previous ids (repeats and negatives included)."""
+  rng = np.random.default_rng(9)
+  logits = rng.normal(size=(3, 40)).astype(np.float32) * 4
+  previous = rng.integers(0, 40, size=(3, 12))
+  want = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor(previous), torch.tensor(logits)).numpy()
+  seen = np.zeros((3, 40), bool)
+  np.put_along_axis(seen, previous, True, axis=1)
+  np.testing.assert_allclose(np.asarray(penalize_repeats(jnp.asarray(logits), jnp.asarray(seen), penalty)), want,
+                             rtol=1e-6)
+
+
+def test_repetition_penalty_counts_prompt_and_thought_not_padding():
+  """Greedy decoding with a penalty equals a re-forward that runs transformers' processor over each row's own ids,
+  whatever the batch's left padding (pads are not counted; a real token equal to the pad id is); 1 changes nothing."""
+  cfg = ModelConfig(family="llama", **TINY)
+  params = init_params(cfg, jax.random.key(6))
+  params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 20
+  prompts = [[5, 9, 17, 33, 2, 0, 0], [7], [11, 12, 13]]  # id 0 is the pad id: a real prompt token here
+  gen = Generator(cfg, params, eos_ids=(96,))
+  plain = gen.generate(prompts, max_new_tokens=10)
+  penalized = gen.generate(prompts, max_new_tokens=10, repetition_penalty=4.0)
+  for prompt, got in zip(prompts, penalized):
+    assert got == full_reforward_greedy(cfg, params, prompt, 10, (96,), repetition_penalty=4.0)
+  assert plain != penalized and gen.generate(prompts, max_new_tokens=10, repetition_penalty=1.0) == plain
+  assert all(len(set(p + t)) < len(p + t) for p, t in zip(prompts, plain))  # the random model repeats itself

@@ -77,7 +77,8 @@ class CompletionsServer:
     with torch.no_grad():
       out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=body["max_tokens"],
                                 do_sample=not greedy, temperature=None if greedy else body["temperature"],
-                                top_p=None if greedy else body["top_p"], top_k=None)
+                                top_p=None if greedy else body["top_p"], top_k=None,
+                                repetition_penalty=body.get("repetition_penalty", 1.0))
     return out[0, prompt.shape[1]:].tolist()
 
 
@@ -106,6 +107,12 @@ def test_greedy_thoughts_vectors_and_metrics_equal_the_local_generator(served, r
   thoughts = local.think(QUERIES, k=1, temperature=0.0, max_new_tokens=GREEDY.max_new_tokens)
   assert via_server.think(QUERIES, k=1, temperature=0.0, max_new_tokens=GREEDY.max_new_tokens) == thoughts
   assert all(thought for (thought,) in thoughts)
+  assert all("repetition_penalty" not in r for r in server.requests[-len(QUERIES):])  # not set: not sent
+  # A repetition penalty travels to the server and is applied there as transformers applies it, here as ours.
+  penalized = local.think(QUERIES, k=1, temperature=0.0, max_new_tokens=GREEDY.max_new_tokens, repetition_penalty=3.0)
+  assert via_server.think(QUERIES, k=1, temperature=0.0, max_new_tokens=GREEDY.max_new_tokens,
+                          repetition_penalty=3.0) == penalized
+  assert {r["repetition_penalty"] for r in server.requests[-len(QUERIES):]} == {3.0} and penalized != thoughts
   # The prompts went out as the template's token ids, not as text.
   prefixes = [templates.query_prefix(q, local.special, local.lengths) for q in local.tokenize(QUERIES, "query")]
   assert sorted(r["prompt"] for r in server.requests[-len(QUERIES):]) == sorted(prefixes)

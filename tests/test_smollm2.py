@@ -93,3 +93,24 @@ def test_greedy_generation_matches_transformers(smollm2):
     want = want[:want.index(eos) + 1] if eos in want else want
     assert got == want, (tokenizer.decode(got), tokenizer.decode(want))
   assert tokenizer.decode(ours[0], skip_special_tokens=True).startswith("The capital of France is Paris")
+
+
+def test_repetition_penalty_matches_transformers(smollm2):
+  """48 greedy tokens with transformers' repetition penalty, each prompt generated alone there (no padding to
+  count) and together here (left-padded): token for token, and not what the unpenalized model writes."""
+  cfg, params, tokenizer, torch_model = smollm2
+  questions = ["List the planets of the solar system.", "Repeat after me: la la la la la la la la."]
+  prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=False) for q in questions]
+  eos = tokenizer.eos_token_id
+  generator = Generator(cfg, params, eos_ids=(eos,))
+  ours = generator.generate(prompts, max_new_tokens=48, repetition_penalty=1.3)
+  for prompt, got in zip(prompts, ours):
+    with torch.no_grad():
+      out = torch_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 do_sample=False, max_new_tokens=48, eos_token_id=eos, repetition_penalty=1.3,
+                                 pad_token_id=tokenizer.pad_token_id)
+    want = out[0, len(prompt):].tolist()
+    want = want[:want.index(eos) + 1] if eos in want else want
+    assert got == want, (tokenizer.decode(got), tokenizer.decode(want))
+  assert ours != generator.generate(prompts, max_new_tokens=48)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import sys
 from typing import Sequence
 
@@ -67,9 +66,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--suite", default=None, choices=list(suites.SUITES),
                  help="the suite of datasets that name none (default: guessed from each dataset's name)")
   p.add_argument("--think", type=retriever_eval.think_option, default=3, help="thoughts per query (METHOD: 3), or 'off'")
-  p.add_argument("--temperature", type=float, default=Sampling.temperature)
-  p.add_argument("--top_p", type=float, default=Sampling.top_p)
-  p.add_argument("--max_new_tokens", type=int, default=Sampling.max_new_tokens)
+  retriever_eval.add_sampling_options(p)
   p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same thoughts")
   p.add_argument("--baselines", default="bm25,minilm",
                  help="comma-separated: bm25, minilm, or a sentence-transformers model directory; '' for none")
@@ -150,40 +147,22 @@ def check_args(args: argparse.Namespace) -> tuple[Sampling, dict[str, str], list
   # jax keys hold 32 bits: a larger or negative seed would silently alias another seed's thoughts.
   if not 0 <= args.seed < 2**32:
     raise ValueError(f"--seed={args.seed}: must be in [0, 2**32)")
-  try:
-    sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens)
-  except ValueError as e:
-    raise ValueError(f"--{e}") from None  # Sampling's messages start with the field name, the option's name
+  sampling = retriever_eval.sampling_from(args)
   if (args.think_url is None) != (args.think_model is None):
     raise ValueError("--think_url and --think_model go together (the server and the model name it serves)")
   if args.api_key_env is not None and args.think_url is None:
     raise ValueError("--api_key_env is the key of a --think_url server; there is none")
   if args.api_key_env is not None and not os.environ.get(args.api_key_env):
     raise ValueError(f"--api_key_env={args.api_key_env}: that environment variable is not set")
-  given = _thought_files(args.thoughts_from, len(specs))
+  given = thoughts_file.named_files("--thoughts_from", args.thoughts_from)
+  if given and len(specs) != 1:
+    raise ValueError("--thoughts_from: query ids belong to one dataset; evaluate one dataset with it")
   plan = _baseline_plan(args.baselines, [_label(think) for think in _thinks(args)] + [_given_label(n) for n in given])
   if args.cache_dir is not None:
     evaluation.check_output_directory("--cache_dir", args.cache_dir)
   if args.out is not None:
     evaluation.check_output_directory("--out", args.out)
   return sampling, plan, specs, given
-
-
-def _thought_files(values: list[str], num_datasets: int) -> dict[str, str]:
-  """{NAME: FILE} of `--thoughts_from`, names and files checked (the files are read later, before the model)."""
-  given: dict[str, str] = {}
-  for value in values:
-    name, sep, path = value.partition("=")
-    if not sep or not re.fullmatch(r"[A-Za-z0-9._-]+", name) or not path:
-      raise ValueError(f"--thoughts_from={value}: expected NAME=FILE, NAME of letters, digits, '.', '_' or '-'")
-    if name in given:
-      raise ValueError(f"--thoughts_from={value}: the name {name!r} is given twice")
-    if not storage.is_file(path):
-      raise ValueError(f"--thoughts_from={value}: no such file")
-    given[name] = path
-  if given and num_datasets != 1:
-    raise ValueError("--thoughts_from: query ids belong to one dataset; evaluate one dataset with it")
-  return given
 
 
 def _given_label(name: str) -> str:
@@ -229,10 +208,7 @@ def evaluate_all(args: argparse.Namespace) -> tuple[Results, list[dataset_spec.D
   datasets = [retriever_eval.first_queries(spec.load(), args.max_queries) for spec in specs]
   given = {name: thoughts_file.read_thoughts(path) for name, path in given_files.items()}
   for name, thoughts in given.items():
-    missing = retriever_eval.missing_thoughts(datasets[0], thoughts)
-    if missing:
-      raise ValueError(f"--thoughts_from={name}={given_files[name]}: no thoughts for {len(missing)} of the "
-                       f"{len(datasets[0].queries)} evaluated queries (first: {missing[0]!r})")
+    thoughts_file.check_covers(f"--thoughts_from={name}={given_files[name]}", list(datasets[0].queries), thoughts)
   lengths = dataclasses.replace(EVAL_LENGTHS, doc=args.doc_tokens)
   generator = None
   if args.think_url is not None:

@@ -14,7 +14,7 @@ import os
 import jax
 
 from o1jax.data.readers import BeirDataset
-from o1jax.eval import evaluation, metrics
+from o1jax.eval import evaluation, metrics, thoughts_file
 from o1jax.eval.thoughts_file import QueryThoughts
 from o1jax.retrieval.retriever import Retriever, Sampling
 from o1jax.templates import document_text
@@ -45,6 +45,13 @@ def _search_and_score(retriever: Retriever, dataset: BeirDataset, query_ids: lis
   return evaluation.evaluate_run(dataset, {q: dict(h) for q, h in zip(query_ids, hits)}, measures, relevance_level)
 
 
+def _embedded_thoughts(retriever: Retriever, query_ids: Sequence[str], queries: Sequence[str],
+                       thought_ids: Sequence[Sequence[Sequence[int]]]) -> dict[str, QueryThoughts]:
+  """{query id: the thoughts it was embedded with}, as text and as the embedded ids."""
+  return {q: QueryThoughts(text, texts, ids) for q, text, texts, ids
+          in zip(query_ids, queries, retriever.decode_thoughts(thought_ids), thought_ids)}
+
+
 def evaluate(retriever: Retriever, dataset: BeirDataset, think: int, k: int = 1000, sampling: Sampling = Sampling(),
              rng: jax.Array | int = 0, drop_self_hits: bool = False,
              measures: Sequence[str] = metrics.DEFAULT_MEASURES, relevance_level: int = 1) -> evaluation.Evaluation:
@@ -54,19 +61,13 @@ def evaluate(retriever: Retriever, dataset: BeirDataset, think: int, k: int = 10
   queries = [dataset.queries[q] for q in query_ids]
   thoughts = None
   if think:
-    thought_ids = retriever.think(queries, think, sampling.temperature, sampling.top_p, sampling.max_new_tokens, rng)
+    thought_ids = retriever.think_with(queries, think, sampling, rng)
     vectors = retriever.encode_with_thoughts(queries, thought_ids)
-    thoughts = {q: QueryThoughts(text, texts, ids) for q, text, texts, ids
-                in zip(query_ids, queries, retriever.decode_thoughts(thought_ids), thought_ids)}
+    thoughts = _embedded_thoughts(retriever, query_ids, queries, thought_ids)
   else:
     vectors = retriever.encode_queries(queries)
   result = _search_and_score(retriever, dataset, query_ids, vectors, k, drop_self_hits, measures, relevance_level)
   return dataclasses.replace(result, thoughts=thoughts)
-
-
-def missing_thoughts(dataset: BeirDataset, given: dict[str, QueryThoughts]) -> list[str]:
-  """The dataset's queries that `given` has no thoughts for, in dataset order."""
-  return [q for q in dataset.queries if q not in given]
 
 
 def evaluate_given_thoughts(retriever: Retriever, dataset: BeirDataset, given: dict[str, QueryThoughts],
@@ -77,10 +78,8 @@ def evaluate_given_thoughts(retriever: Retriever, dataset: BeirDataset, given: d
   each query embedded with each of its thoughts, cut to `max_thought_tokens` tokens (the budget the model's own
   thoughts get), vectors averaged as for `think`. Thoughts with token ids are embedded as they are; text-only ones
   are tokenized. `Evaluation.thoughts` holds what was embedded."""
-  missing = missing_thoughts(dataset, given)
-  if missing:
-    raise ValueError(f"no thoughts for {len(missing)} of {len(dataset.queries)} queries (first: {missing[0]!r})")
   query_ids = list(dataset.queries)
+  thoughts_file.check_covers("given thoughts", query_ids, given)
   queries = [dataset.queries[q] for q in query_ids]
   thought_ids = []
   for q in query_ids:
@@ -90,9 +89,24 @@ def evaluate_given_thoughts(retriever: Retriever, dataset: BeirDataset, given: d
     thought_ids.append([list(t[:max_thought_tokens]) for t in ids])
   vectors = retriever.encode_with_thoughts(queries, thought_ids)
   result = _search_and_score(retriever, dataset, query_ids, vectors, k, drop_self_hits, measures, relevance_level)
-  thoughts = {q: QueryThoughts(text, texts, ids) for q, text, texts, ids
-              in zip(query_ids, queries, retriever.decode_thoughts(thought_ids), thought_ids)}
-  return dataclasses.replace(result, thoughts=thoughts)
+  return dataclasses.replace(result, thoughts=_embedded_thoughts(retriever, query_ids, queries, thought_ids))
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+  """The thought-sampling options of the evaluation commands, named after `Sampling`'s fields."""
+  p.add_argument("--temperature", type=float, default=Sampling.temperature)
+  p.add_argument("--top_p", type=float, default=Sampling.top_p)
+  p.add_argument("--max_new_tokens", type=int, default=Sampling.max_new_tokens)
+  p.add_argument("--repetition_penalty", type=float, default=Sampling.repetition_penalty,
+                 help="transformers' repetition penalty on tokens of the query and the thought so far (1 = off)")
+
+
+def sampling_from(args: argparse.Namespace) -> Sampling:
+  """`add_sampling_options`' values as a `Sampling`; a ValueError that names the option."""
+  try:
+    return Sampling(args.temperature, args.top_p, args.max_new_tokens, args.repetition_penalty)
+  except ValueError as e:
+    raise ValueError(f"--{e}") from None  # Sampling's messages start with the field name, the option's name
 
 
 def think_option(value: str) -> int:

@@ -14,10 +14,13 @@ only).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 import dataclasses
 import json
 import os
+import re
 
+from o1jax import storage
 from o1jax.data.readers import DataFormatError, check_new, id_field, json_records
 from o1jax.files import atomic_write_text
 
@@ -76,3 +79,28 @@ def read_thoughts(path: str | os.PathLike) -> dict[str, QueryThoughts]:
   if not out:
     raise DataFormatError(path, 1, "query_id", "no thoughts in the file")
   return out
+
+
+def named_files(option: str, values: Iterable[str], reserved: Sequence[str] = ()) -> dict[str, str]:
+  """{NAME: FILE} of a repeatable `--option=NAME=FILE`: each NAME of letters, digits, '.', '_' or '-', given once
+  and not one of `reserved`; each FILE present (read later). A ValueError quotes the option and its value."""
+  files: dict[str, str] = {}
+  for value in values:
+    name, sep, path = value.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9._-]+", name) or not path:
+      raise ValueError(f"{option}={value}: expected NAME=FILE, NAME of letters, digits, '.', '_' or '-'")
+    if name in files or name in reserved:
+      raise ValueError(f"{option}={value}: the name {name!r} is "
+                       + ("given twice" if name in files else f"taken ({', '.join(reserved)})"))
+    if not storage.is_file(path):
+      raise ValueError(f"{option}={value}: no such file")
+    files[name] = path
+  return files
+
+
+def check_covers(source: str, query_ids: Sequence[str], thoughts: dict[str, QueryThoughts]) -> None:
+  """A ValueError naming `source` unless `thoughts` has every query of `query_ids`."""
+  missing = [q for q in query_ids if q not in thoughts]
+  if missing:
+    raise ValueError(f"{source}: no thoughts for {len(missing)} of the {len(query_ids)} queries "
+                     f"(first: {missing[0]!r})")

@@ -31,11 +31,14 @@ class CompletionsGenerator:
     self._warned = False
 
   def _complete(self, prompt: Sequence[int], max_new_tokens: int, temperature: float, top_p: float,
-                seed: int | None) -> list[int]:
+                repetition_penalty: float, seed: int | None) -> list[int]:
     body = {"model": self.model, "prompt": [int(t) for t in prompt], "max_tokens": max_new_tokens,
             "temperature": temperature, "top_p": top_p, "n": 1, "return_token_ids": True}
     if seed is not None:
       body["seed"] = seed
+    # vLLM's and SGLang's name for transformers' penalty; sent only when set, since OpenAI's own API refuses it.
+    if repetition_penalty != 1.0:
+      body["repetition_penalty"] = repetition_penalty
     answer = self.client.post(body)
     try:
       choice = answer["choices"][0]
@@ -51,7 +54,8 @@ class CompletionsGenerator:
     return self.tokenizer(choice["text"], add_special_tokens=False)["input_ids"]
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
-               top_p: float = 1.0, rng: jax.Array | None = None) -> list[list[int]]:
+               top_p: float = 1.0, rng: jax.Array | None = None, repetition_penalty: float = 1.0
+               ) -> list[list[int]]:
     """New token ids for each prompt. Sampled requests carry a seed drawn from `rng`, so the same key asks the
     server for the same thoughts."""
     if max_new_tokens < 1:
@@ -62,7 +66,8 @@ class CompletionsGenerator:
     if temperature > 0:
       seeds = [int(s) for s in np.asarray(jax.random.randint(rng, (len(prompts),), 0, 2**31 - 1))]
     with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
-      futures = [pool.submit(self._complete, p, max_new_tokens, temperature, top_p, s) for p, s in zip(prompts, seeds)]
+      futures = [pool.submit(self._complete, p, max_new_tokens, temperature, top_p, repetition_penalty, s)
+                 for p, s in zip(prompts, seeds)]
       try:
         return [future.result() for future in futures]
       except RequestError:

@@ -104,7 +104,8 @@ class Retriever:
 
   def think(self, queries: Sequence[str], k: int = 3, temperature: float = Sampling.temperature,
             top_p: float = Sampling.top_p, max_new_tokens: int = Sampling.max_new_tokens,
-            rng: jax.Array | int = 0) -> list[list[list[int]]]:
+            rng: jax.Array | int = 0, repetition_penalty: float = Sampling.repetition_penalty
+            ) -> list[list[list[int]]]:
     """`k` sampled thoughts per query, as generated token ids (cut before EOS). Same rng, same thoughts."""
     if k < 1:
       raise ValueError(f"k must be >= 1 thoughts per query, got {k}")
@@ -118,10 +119,17 @@ class Retriever:
       for n, start in enumerate(range(0, len(flat), self.generate_batch)):
         batch = flat[start:start + self.generate_batch]
         thoughts += self.generator.generate(batch, max_new_tokens=max_new_tokens, temperature=temperature,
-                                            top_p=top_p, rng=jax.random.fold_in(key, n))
+                                            top_p=top_p, rng=jax.random.fold_in(key, n),
+                                            repetition_penalty=repetition_penalty)
         progress.update(len(batch))
     thoughts = [templates.thought_until_eos(t, self.special) for t in thoughts]
     return [thoughts[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+  def think_with(self, queries: Sequence[str], k: int, sampling: Sampling, rng: jax.Array | int = 0
+                 ) -> list[list[list[int]]]:
+    """`think` with the settings of a `Sampling`."""
+    return self.think(queries, k, sampling.temperature, sampling.top_p, sampling.max_new_tokens, rng,
+                      sampling.repetition_penalty)
 
   def decode_thoughts(self, thoughts: Sequence[Sequence[Sequence[int]]]) -> list[list[str]]:
     """`think`'s token ids as text, special tokens kept: the text of exactly what was embedded."""
@@ -137,8 +145,7 @@ class Retriever:
       raise ValueError(f"think must be >= 0 thoughts per query, got {think}")
     if not think:
       return self.embed_sequences([s[0] for s in self.query_sequences(queries)])
-    thoughts = self.think(queries, think, sampling.temperature, sampling.top_p, sampling.max_new_tokens, rng)
-    return self.encode_with_thoughts(queries, thoughts)
+    return self.encode_with_thoughts(queries, self.think_with(queries, think, sampling, rng))
 
   def encode_with_thoughts(self, queries: Sequence[str], thoughts: Sequence[Sequence[Sequence[int]]]) -> np.ndarray:
     """Unit query vectors [Q, D] from given thought ids (`thoughts[i]`: query i's, as `think` returns them, at least

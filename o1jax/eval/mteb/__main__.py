@@ -41,9 +41,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--split", default="test", help="the qrels split of --dataset directories")
   p.add_argument("--think", type=retriever_eval.think_option, default=0,
                  help="thoughts per query, or 'off' (the default)")
-  p.add_argument("--temperature", type=float, default=Sampling.temperature)
-  p.add_argument("--top_p", type=float, default=Sampling.top_p)
-  p.add_argument("--max_new_tokens", type=int, default=Sampling.max_new_tokens)
+  retriever_eval.add_sampling_options(p)
   p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same thoughts")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--doc_tokens", type=int, default=EVAL_LENGTHS.doc,
@@ -68,10 +66,7 @@ def check_args(args: argparse.Namespace) -> tuple[Sampling, list]:
     raise ValueError(f"--batch_size={args.batch_size}: must be >= 1")
   if not 0 <= args.seed < 2**32:
     raise ValueError(f"--seed={args.seed}: must be in [0, 2**32)")
-  try:
-    sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens)
-  except ValueError as e:
-    raise ValueError(f"--{e}") from None  # Sampling's messages start with the field name, the option's name
+  sampling = retriever_eval.sampling_from(args)
   for directory in args.dataset:
     if not os.path.isdir(directory):
       raise ValueError(f"--dataset={directory}: no such directory")
