@@ -2,7 +2,7 @@
 # The thinking ablation on one BEIR-layout dataset, end to end on one CPU machine: SmolLM2-135M thinks, trains and
 # retrieves, and the same model trained without thoughts shows what the thoughts add.
 #
-#   launch/recipe.sh [--preset=scifact|cosqa] [--shared=../shared] [--out=runs/PRESET] [--dataset=DIR]
+#   launch/recipe.sh [--preset=scifact|cosqa|scifact-gpu] [--shared=../shared] [--out=runs/PRESET] [--dataset=DIR]
 #                    [--train_split=NAME] [--test_split=NAME] [--doc_tokens=N] [--limit=N] [--shards=8] [--steps=N]
 #                    [--max_queries=N] [--dry-run] [-- TRAINER_OVERRIDES...]
 #
@@ -12,11 +12,16 @@
 #   cosqa    SHARED/data/cosqa-retrieval (6,267 Python functions): qrels/dev.tsv (500 queries) trains,
 #            qrels/test.tsv (500) evaluates; documents cut to 128 tokens, which keep 94% of the functions whole
 #            (median 65 SmolLM2 tokens: 64 would cut half of them, and with them the identifiers in their bodies).
+#   scifact-gpu  SciFact at METHOD's lengths, meant for one GPU (the platform jax finds; the others run on the CPU):
+#            the expert writes k=3 thoughts of up to 128 tokens, each prompt with 3 in-context (query, positive)
+#            pairs of other train queries, 15 hard negatives a query; configs/smollm2_135m_scifact.py:gpu trains
+#            3 epochs with query + thought 256 and documents 192 tokens; evaluation thinks up to 128 tokens and cuts
+#            documents at 512 (--doc_tokens sets the evaluation's cut only).
 #
 # Stages, each a documented CLI of its own (the commands are printed as they run):
-#   thoughts     data_tools.synthesize: SmolLM2-135M-Instruct writes k=2 thoughts per train query (zero-shot:
-#                in-context examples would double every prompt, and prefill is half the time), a BM25 +
-#                all-MiniLM-L6-v2 committee picks one, BM25 mines 7 hard negatives; 8 TFRecord shards.
+#   thoughts     data_tools.synthesize: SmolLM2-135M-Instruct writes k=2 thoughts of up to 40 tokens per train
+#                query (zero-shot: in-context examples would double every prompt, and prefill is half the time), a
+#                BM25 + all-MiniLM-L6-v2 committee picks one, BM25 mines 7 hard negatives; 8 TFRecord shards.
 #   convert      o1jax.convert: the GGUF weights as a Hugging Face directory (the untrained model).
 #   untrained    o1jax.eval on the test split: the untrained model (GGUF weights, special tokens at the vocabulary
 #                mean) without thinking, BM25 and MiniLM.                                              (c)
@@ -66,7 +71,8 @@ done
 case "$preset" in
   scifact) preset_dataset=beir-scifact preset_train=train preset_doc_tokens=64 ;;
   cosqa) preset_dataset=cosqa-retrieval preset_train=dev preset_doc_tokens=128 ;;
-  *) echo "recipe.sh: --preset=$preset: unknown preset (scifact, cosqa)" >&2; exit 2 ;;
+  scifact-gpu) preset_dataset=beir-scifact preset_train=train preset_doc_tokens=512 ;;
+  *) echo "recipe.sh: --preset=$preset: unknown preset (scifact, cosqa, scifact-gpu)" >&2; exit 2 ;;
 esac
 out="${out:-runs/$preset}"
 dataset="${dataset:-$shared/data/$preset_dataset}"
@@ -83,8 +89,15 @@ for path in "$dataset/qrels/$train_split.tsv" "$dataset/qrels/$test_split.tsv" "
 done
 test_qrels="$dataset/qrels/$test_split.tsv"
 [[ -f "$test_qrels" ]] || test_qrels+=.gz
-# The whole recipe runs on the CPU; without this, jax would first probe for a TPU (libtpu is a test requirement).
-export JAX_PLATFORMS=cpu
+# What the CPU budget cuts and METHOD keeps: the config variant, the documents' training cut, the expert's
+# candidates, in-context examples, thought tokens (written and generated) and mined negatives.
+if [[ "$preset" == scifact-gpu ]]; then
+  variant=":gpu" train_doc_tokens=192 candidates=3 examples=3 thought_tokens=128 negatives=15
+else
+  variant="" train_doc_tokens="$doc_tokens" candidates=2 examples=0 thought_tokens=40 negatives=7
+  # These run on the CPU; without this, jax would first probe for a TPU (libtpu is a test requirement).
+  export JAX_PLATFORMS=cpu
+fi
 mkdir -p "$out/stages"
 
 # Runs stage $1 (the command "${@:2}") unless it finished before; records its wall time.
@@ -105,14 +118,15 @@ stage() {
 eval_args=(--dataset="$dataset" --split="$test_split" --doc_tokens="$doc_tokens" --max_queries="$max_queries")
 # Both arms share every trainer option but the objective, so they differ only in the thoughts. Synthesis names its
 # shards after the split it read.
-train_args=(--config="$O1_LAUNCH_DIR/../configs/smollm2_135m_scifact.py" --config.model.path="$gguf"
-            --config.data.train_files="('$out/thoughts/$train_split-*.tfrecord',)" --config.train.lengths.doc="$doc_tokens"
+train_args=(--config="$O1_LAUNCH_DIR/../configs/smollm2_135m_scifact.py$variant" --config.model.path="$gguf"
+            --config.data.train_files="('$out/thoughts/$train_split-*.tfrecord',)"
+            --config.train.lengths.doc="$train_doc_tokens"
             ${steps:+--config.train.steps="$steps"})
 
 stage thoughts python -m data_tools.synthesize --dataset="$dataset" --split="$train_split" --out="$out/thoughts" \
-  --num_shards="$shards" --expert=local --model="$gguf" --members=bm25,st --k=2 --num_examples=0 \
-  --max_new_tokens=40 --batch_size=64 --queries_per_batch=32 --num_negatives=7 \
-  ${limit:+--limit="$limit"}
+  --num_shards="$shards" --expert=local --model="$gguf" --members=bm25,st --k="$candidates" \
+  --num_examples="$examples" --max_new_tokens="$thought_tokens" --batch_size=64 --queries_per_batch=32 \
+  --num_negatives="$negatives" ${limit:+--limit="$limit"}
 
 stage convert python -m o1jax.convert gguf-to-hf --gguf="$gguf" --out="$out/untrained_hf" --overwrite
 stage untrained python -m o1jax.eval --checkpoint="$out/untrained_hf" --think=off --baselines=bm25,minilm \
@@ -120,7 +134,7 @@ stage untrained python -m o1jax.eval --checkpoint="$out/untrained_hf" --think=of
 
 stage train python -m o1jax.train "${train_args[@]}" --config.checkpoint.dir="$out/train" \
   --config.log.jsonl="$out/train_metrics.jsonl" --config.log.tensorboard_dir="$out/tensorboard" "$@"
-stage trained python -m o1jax.eval --checkpoint="$out/train" --think=3 --max_new_tokens=40 --baselines= \
+stage trained python -m o1jax.eval --checkpoint="$out/train" --think=3 --max_new_tokens="$thought_tokens" --baselines= \
   --out="$out/eval/trained" "${eval_args[@]}"
 
 # thought_drop=1 empties every thought (batching draws the drop before the positive and negatives, so each query
@@ -135,9 +149,9 @@ stage contrastive python -m o1jax.eval --checkpoint="$out/train_contrastive" --t
 # committee chose by comparing with a relevant document) and an oracle thought (a relevant document's first words),
 # each embedded by (a) in place of its own, with how close every source's thoughts come to the relevant documents.
 stage diagnose python -m data_tools.diagnose --dataset="$dataset" --split="$test_split" --max_queries="$max_queries" \
-  --out="$out/diagnosis" --expert=local --model="$gguf" --members=bm25,st --k=2 --num_examples=0 \
-  --max_new_tokens=40 --batch_size=64 --score=trained="$out/eval/trained/o1jax_think_3.thoughts.jsonl"
-stage diagnosis python -m o1jax.eval --checkpoint="$out/train" --think=off --max_new_tokens=40 --baselines= \
+  --out="$out/diagnosis" --expert=local --model="$gguf" --members=bm25,st --k="$candidates" --num_examples=0 \
+  --max_new_tokens="$thought_tokens" --batch_size=64 --score=trained="$out/eval/trained/o1jax_think_3.thoughts.jsonl"
+stage diagnosis python -m o1jax.eval --checkpoint="$out/train" --think=off --max_new_tokens="$thought_tokens" --baselines= \
   --thoughts_from=expert="$out/diagnosis/expert.thoughts.jsonl" \
   --thoughts_from=expert-chosen="$out/diagnosis/expert-chosen.thoughts.jsonl" \
   --thoughts_from=oracle="$out/diagnosis/oracle.thoughts.jsonl" --out="$out/eval/diagnosis" "${eval_args[@]}"

@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 
+from data_tools import subset
 from data_tools.shards import shard_name
 from launch import report
 from o1jax import config as o1config
@@ -28,26 +29,6 @@ ROWS = ["trained, think=3", "trained, no thinking", "trained, thoughts=expert", 
         "trained, thoughts=oracle", "contrastive-only, no thinking", "untrained, no thinking", "BM25", "MiniLM-L6-v2"]
 
 
-def write_subset(full, directory: pathlib.Path, train_ids, test_ids, other_docs: int) -> pathlib.Path:
-  """A BEIR directory with the given train and test queries of SciFact, their judged docs and some others."""
-  train, test = load_beir(full, "train"), load_beir(full, "test")
-  qrels = {"train": {q: train.qrels[q] for q in train_ids}, "test": {q: test.qrels[q] for q in test_ids}}
-  judged = sorted({d for split in qrels.values() for docs in split.values() for d in docs})
-  docs = judged + [d for d in test.corpus if d not in judged][:other_docs]
-  (directory / "qrels").mkdir(parents=True)
-  with open(directory / "corpus.jsonl", "w") as f:
-    for d in docs:
-      f.write(json.dumps({"_id": d, "title": test.corpus[d].title, "text": test.corpus[d].text}) + "\n")
-  queries = {**{q: train.queries[q] for q in train_ids}, **{q: test.queries[q] for q in test_ids}}
-  with open(directory / "queries.jsonl", "w") as f:
-    for q, text in queries.items():
-      f.write(json.dumps({"_id": q, "text": text}) + "\n")
-  for split, judgements in qrels.items():
-    lines = [f"{q}\t{d}\t{g}" for q, ds in judgements.items() for d, g in ds.items()]
-    (directory / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(lines) + "\n")
-  return directory
-
-
 def recipe(shared_dir, out, dataset, *extra) -> subprocess.CompletedProcess:
   return subprocess.run(
       ["bash", "launch/scifact.sh", f"--shared={shared_dir}", f"--out={out}", f"--dataset={dataset}", "--limit=8",
@@ -57,10 +38,9 @@ def recipe(shared_dir, out, dataset, *extra) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def quick_run(shared_dir, tmp_path_factory):
-  full = shared_dir / "data" / "beir-scifact"
-  train_ids = list(load_beir(full, "train").queries)[:10]
-  test_ids = list(load_beir(full, "test").queries)[:4]
-  dataset = write_subset(full, tmp_path_factory.mktemp("data") / "scifact", train_ids, test_ids, other_docs=30)
+  dataset = tmp_path_factory.mktemp("data") / "scifact"
+  subset.main([f"--dataset={shared_dir / 'data' / 'beir-scifact'}", f"--out={dataset}", "--queries=train:10",
+               "--queries=test:4", "--other_docs=30"])
   out = tmp_path_factory.mktemp("run")
   proc = recipe(shared_dir, out, dataset)
   assert proc.returncode == 0, proc.stderr[-4000:]
@@ -199,6 +179,34 @@ def test_cosqa_preset_trains_on_dev_and_evaluates_on_test(shared_dir, tmp_path):
   for config in configs:
     assert o1config.validate(config, device_count=1) == {"data": 1, "fsdp": 1, "tensor": 1}
     assert config.train.lengths.doc == 128
+  (thinking, contrastive) = (c.train.to_dict() for c in configs)
+  assert {k: (thinking[k], contrastive[k]) for k in thinking if thinking[k] != contrastive[k]} == {
+      "w_gen": (0.2, 0.0), "thought_drop": (0.1, 1.0)}
+
+
+def test_scifact_gpu_preset_keeps_methods_lengths(shared_dir, tmp_path):
+  """The GPU preset's commands, dry: METHOD's thoughts (k=3 candidates with 3 in-context examples, 128 tokens,
+  15 negatives), documents at 192 tokens in training and 512 in evaluation, the config's ':gpu' variant; both
+  trainings validate and still differ only in the objective. (Run for real on a subset: README, "The recipe".)"""
+  out = tmp_path / "run"
+  proc = subprocess.run(["bash", "launch/recipe.sh", "--preset=scifact-gpu", f"--shared={shared_dir}",
+                         f"--out={out}", "--dry-run"], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                        timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  commands = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+  assert {"--k=3", "--num_examples=3", "--max_new_tokens=128", "--num_negatives=15", "--split=train"} <= set(commands[0])
+  for evaluation in (commands[2], commands[4], commands[6], commands[8]):
+    assert {"--split=test", "--doc_tokens=512"} <= set(evaluation)
+  assert "--max_new_tokens=128" in commands[4] and "--max_new_tokens=128" in commands[8]
+  assert {"--k=3", "--num_examples=0", "--max_new_tokens=128"} <= set(commands[7])  # no test labels in prompts
+  (out / "thoughts").mkdir(parents=True)
+  (out / "thoughts" / shard_name("train", 0, 1)).write_bytes(b"")
+  configs = [o1config.load([a for a in c[3:] if a.startswith("--config")]) for c in (commands[3], commands[5])]
+  for config in configs:
+    assert o1config.validate(config, device_count=1) == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert dict(config.train.lengths) == {"query": 32, "query_thought": 256, "doc": 192}
+    assert (config.train.batch_queries, config.train.group_size, config.model.dtype) == (32, 16, "bfloat16")
+    assert config.model.remat_policy == "save_qkv_proj"
   (thinking, contrastive) = (c.train.to_dict() for c in configs)
   assert {k: (thinking[k], contrastive[k]) for k in thinking if thinking[k] != contrastive[k]} == {
       "w_gen": (0.2, 0.0), "thought_drop": (0.1, 1.0)}
