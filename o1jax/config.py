@@ -78,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
       thought_drop=0.1,
       grad_accum_steps=1,
       gradcache_chunk=0,
+      # Query positions per pass of the LM head in the behaviour-cloning loss, their logits recomputed in the
+      # backward pass: the [queries, length, vocab] float32 logits are never whole (0 = all positions at once).
+      lm_loss_chunk=0,
       finetune="lora",
       lora=dict(rank=32, alpha=64.0, dropout=0.1, targets=lora.TARGETS),
       train_special_tokens=True,
@@ -331,6 +334,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> dict[str, 
                       + f", config.mesh.fsdp={mesh['fsdp']})")
   if t.gradcache_chunk < 0:
     problems.append(f"config.train.gradcache_chunk={t.gradcache_chunk}: must be >= 0 (0 = off)")
+  if t.lm_loss_chunk < 0:
+    problems.append(f"config.train.lm_loss_chunk={t.lm_loss_chunk}: must be >= 0 (0 = all positions at once)")
   lengths = t.lengths
   if lengths.query < 1:
     problems.append(f"config.train.lengths.query={lengths.query}: must be >= 1")
@@ -427,7 +432,7 @@ def trainer_settings(config: ml_collections.ConfigDict) -> TrainerSettings:
   t = config.train
   objective = Objective(group_size=int(t.group_size), tau=float(t.tau), w_ctr=float(t.w_ctr), w_gen=float(t.w_gen),
                         w_distill=float(t.w_distill), accum_steps=int(t.grad_accum_steps),
-                        gradcache_chunk=int(t.gradcache_chunk))
+                        gradcache_chunk=int(t.gradcache_chunk), lm_loss_chunk=int(t.lm_loss_chunk))
   if t.finetune not in ("full", "lora"):
     raise ConfigError(f"config.train.finetune={t.finetune!r}; expected 'full' or 'lora'")
   selection = Selection(lora=lora.LoraConfig.from_mapping(t.lora) if t.finetune == "lora" else None,

@@ -116,6 +116,27 @@ def test_thought_dropped_rows_give_no_lm_loss_or_gradient():
   assert np.any(np.asarray(grad)[0]) and np.any(np.asarray(grad)[2])
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 6, 50])
+def test_chunked_lm_loss_equals_the_hand_computed_loss_and_its_gradients(chunk):
+  """A linear head over hidden states, in chunks that divide the 6 predicting positions or not, or exceed them:
+  the loss by hand, and the gradients (hidden states and head) of the whole-logits loss."""
+  ids, loss_mask, _ = _lm_case()
+  rs = np.random.RandomState(4)
+  hidden, head = rs.randn(3, 7, 5).astype(np.float32), rs.randn(5, 11).astype(np.float32)
+  logp = _log_softmax(hidden.astype(np.float64) @ head.astype(np.float64))
+  want = -sum(logp[b, t - 1, ids[b, t]] for b in range(3) for t in range(1, 7) if loss_mask[b, t])
+
+  def chunked(h, w):
+    return losses.lm_loss_sum_chunked(lambda x: x @ w, h, jnp.asarray(ids), jnp.asarray(loss_mask), chunk)
+
+  total, count = chunked(jnp.asarray(hidden), jnp.asarray(head))
+  assert float(count) == loss_mask[:, 1:].sum()
+  np.testing.assert_allclose(float(total), want, rtol=1e-5)
+  whole = jax.grad(lambda h, w: losses.lm_loss_sum(h @ w, jnp.asarray(ids), jnp.asarray(loss_mask))[0], (0, 1))
+  for got, expected in zip(jax.grad(lambda h, w: chunked(h, w)[0], (0, 1))(hidden, head), whole(hidden, head)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
+
+
 def test_pool_last_reads_the_emb_position_and_normalises():
   rs = np.random.RandomState(3)
   hidden = rs.randn(2, 5, 4).astype(np.float32)

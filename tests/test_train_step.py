@@ -32,7 +32,8 @@ def make_config(**train) -> ml_collections.ConfigDict:
       "seed": 0,
       "train": {
           "steps": 10, "batch_queries": Q, "group_size": G, "tau": 0.05, "w_ctr": 1.0, "w_gen": 0.5,
-          "w_distill": 0.3, "thought_drop": 0.1, "grad_accum_steps": 1, "gradcache_chunk": 0, "finetune": "full",
+          "w_distill": 0.3, "thought_drop": 0.1, "grad_accum_steps": 1, "gradcache_chunk": 0, "lm_loss_chunk": 0,
+          "finetune": "full",
           "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["q_proj", "v_proj", "o_proj", "down_proj"]},
           "train_special_tokens": True, "train_embeddings": False, **train},
       "optim": {"lr": 1e-2, "warmup_frac": 0.0, "warmup": "linear", "decay": "linear", "weight_decay": 0.01,
@@ -165,6 +166,17 @@ def test_init_is_deterministic_and_places_given_params(baseline):
 
 def test_gradcache_gradients_equal_plain_gradients(batch, baseline):
   trainer = Trainer(TINY, make_settings(gradcache_chunk=8), make_mesh(2, 2, 2), SPECIAL)
+  state = trainer.init_state(jax.random.key(0), baseline["params"])
+  grads, metrics = trainer.grads(state, trainer.shard_batch(batch))
+  assert_metrics_close(metrics, baseline["metrics"])
+  assert_trees_close(grads, baseline["grads"])
+
+
+@pytest.mark.parametrize("train", [dict(lm_loss_chunk=4), dict(lm_loss_chunk=5, gradcache_chunk=8)])
+def test_chunked_lm_loss_gradients_equal_plain_gradients(batch, baseline, train):
+  """The LM head over 4 or 5 positions at a time (5 does not divide the 11 predicting positions), alone and inside
+  GradCache's chunks, on a sharded mesh: the same loss, metrics and gradients as the whole logits at once."""
+  trainer = Trainer(TINY, make_settings(**train), make_mesh(2, 2, 2), SPECIAL)
   state = trainer.init_state(jax.random.key(0), baseline["params"])
   grads, metrics = trainer.grads(state, trainer.shard_batch(batch))
   assert_metrics_close(metrics, baseline["metrics"])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -54,6 +55,7 @@ class Objective:
   w_distill: float = 0.0
   accum_steps: int = 1
   gradcache_chunk: int = 0  # 0 = off
+  lm_loss_chunk: int = 0  # query positions per pass of the LM head in the loss (0 = all at once)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,13 +78,17 @@ class Forward:
     return self.apply(trainable, Decoder.__call__, ids, pooling.positions(mask), mask, dropout_rng=rng)
 
   def query_terms(self, trainable: Mapping[str, Any], q: Mapping[str, jnp.ndarray], rng: jax.Array,
-                  with_lm: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(query embeddings [B, D], summed LM loss over the supervised tokens) from one pass."""
+                  with_lm: bool, lm_loss_chunk: int = 0) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(query embeddings [B, D], summed LM loss over the supervised tokens) from one pass; `lm_loss_chunk` > 0
+    runs the LM head over that many positions at a time (`losses.lm_loss_sum_chunked`)."""
     ids, mask = q["query_ids"], q["query_mask"]
     hidden = self.hidden(trainable, ids, mask, rng)
     emb = pooling.pool_last(hidden, mask)
     if not with_lm:
       return emb, jnp.zeros((), jnp.float32)
+    if lm_loss_chunk:
+      logits_of = functools.partial(self.apply, trainable, Decoder.logits)
+      return emb, losses.lm_loss_sum_chunked(logits_of, hidden, ids, q["query_loss_mask"], lm_loss_chunk)[0]
     logits = self.apply(trainable, Decoder.logits, hidden)
     nll_sum, _ = losses.lm_loss_sum(logits, ids, q["query_loss_mask"])
     return emb, nll_sum
@@ -122,7 +128,7 @@ def micro_grads(objective: Objective, forward: Forward, mesh: Mesh, train_part, 
   if not chunk:
     def total(tp):
       trainable = combine(tp, frozen_part)
-      q_emb, nll = forward.query_terms(trainable, q, rng_q, with_lm)
+      q_emb, nll = forward.query_terms(trainable, q, rng_q, with_lm, objective.lm_loss_chunk)
       d_emb = forward.doc_embed(trainable, d, rng_d)
       ctr, aux = contrastive_objective(objective, q_emb, d_emb, teacher)
       return ctr + gen_weight * nll, {**aux, "nll_sum": nll}
@@ -140,7 +146,8 @@ def micro_grads(objective: Objective, forward: Forward, mesh: Mesh, train_part, 
       lambda qe, de: contrastive_objective(objective, qe, de, teacher), argnums=(0, 1), has_aux=True)(q_emb, d_emb)
 
   def q_terms(tp, c, i):
-    emb, nll = forward.query_terms(combine(tp, frozen_part), c, jax.random.fold_in(rng_q, i), with_lm)
+    emb, nll = forward.query_terms(combine(tp, frozen_part), c, jax.random.fold_in(rng_q, i), with_lm,
+                                   objective.lm_loss_chunk)
     return emb, gen_weight * nll, nll
 
   def d_terms(tp, c, i):
