@@ -68,6 +68,7 @@ def test_every_shipped_config_validates_once_its_paths_exist(tmp_path):
      r"batch_queries=12 \(per accumulation step 12\) is not divisible by the mesh's data\*fsdp = 8 "
      r"\(config.mesh.data=1 x config.mesh.dcn_data=2 slices, config.mesh.fsdp=4\)"),
     (["--config.train.group_size=1"], 8, r"config.train.group_size=1: must be >= 2"),
+    (["--config.train.lm_loss_chunk=-1"], 8, r"config.train.lm_loss_chunk=-1: must be >= 0 \(0 = all positions"),
     (["--config.train.lengths.query_thought=10"], 8,
      r"config.train.lengths.query_thought=10 cannot hold the query template: needs >= lengths.query \+ 7 = 15"),
     (["--config.train.lengths.doc=2"], 8, "config.train.lengths.doc=2 cannot hold the document template"),
