@@ -1,7 +1,7 @@
 """`python -m o1jax.bench accel`: the random batch keeps the batch contract, the figures and ratios are computed
-from the sides' numbers (missing where a side failed), and `--small` runs all eight measurements (two workloads x
-train / generate x jax / torch, each in its own process) end to end on the CPU, writing every JSON field.
-Nothing here asserts a time."""
+from the sides' numbers (missing where a side failed), and `--small --remat=full,none` runs all ten measurements
+(two workloads x (o1jax training under each of two remat policies, PyTorch training, generation on both sides),
+each in its own process) end to end on the CPU, writing every JSON field. Nothing here asserts a time."""
 import json
 import math
 import pathlib
@@ -44,10 +44,10 @@ def test_figures_and_ratios():
 
 
 def test_a_partial_run_reports_the_rest_as_not_run():
-  args = accel.argparse.Namespace(small=True, workloads=list(accel.WORKLOADS), steps=2, repeats=2)
+  args = accel.argparse.Namespace(small=True, workloads=list(accel.WORKLOADS), steps=2, repeats=2, remat=[])
   machine = {"platform": "cpu", "device_kind": "cpu", "device_count": 1, "peak_flops": 1e9,
              "peak_flops_source": "measured", "versions": {"jax": "x", "jaxlib": "x"}}
-  raw = {("mistral7b_lora", "train", "jax"): {"seconds": 0.5, "tokens": 128, "model_flops": 1e8,
+  raw = {("mistral7b_lora", "train", "jax", None): {"seconds": 0.5, "tokens": 128, "model_flops": 1e8,
                                               "peak_memory_bytes": None, "machine": machine, "timed": 2,
                                               "wall_seconds": 3.0}}
   report = accel.assemble(raw, args)
@@ -57,6 +57,21 @@ def test_a_partial_run_reports_the_rest_as_not_run():
   assert len(rest) == 3 and all(r["o1jax"]["error"] == "not run" for r in rest)
   assert report["versions"]["torch"] is None and report["machine"]["device_kind"] == "cpu"
   accel.print_table(report)  # prints the errors, does not raise
+
+
+def test_each_remat_policy_is_a_training_row_against_the_same_pytorch_step():
+  args = accel.argparse.Namespace(small=True, workloads=["qwen2_5_0_5b_full"], steps=2, repeats=2,
+                                  remat=["minimal", "full"])
+  side = {"seconds": 0.5, "model_flops": 1e8, "peak_memory_bytes": 7, "timed": 2, "wall_seconds": 3.0}
+  raw = {("qwen2_5_0_5b_full", "train", "jax", "minimal"): dict(side, peak_memory_bytes=9),
+         ("qwen2_5_0_5b_full", "train", "jax", "full"): dict(side, seconds=1.0),
+         ("qwen2_5_0_5b_full", "train", "torch", None): dict(side, seconds=2.0)}
+  rows = accel.assemble(raw, args)["results"]
+  assert [(r["task"], r["settings"]["o1jax_remat_policy"]) for r in rows] == [
+      ("train", "minimal"), ("train", "full"), ("generate", None)]
+  assert [r["ratios"]["speedup"] for r in rows[:2]] == [4.0, 2.0]
+  assert [r["ratios"]["peak_memory"] for r in rows[:2]] == [9 / 7, 1.0]
+  assert rows[2]["o1jax"]["error"] == "not run"
 
 
 def test_generation_flops_counts_every_matmul():
@@ -76,8 +91,8 @@ def _close(a, b):
 @pytest.mark.e2e
 def test_small_run_writes_every_field(tmp_path):
   out = tmp_path / "accel.json"
-  proc = subprocess.run([sys.executable, "-m", "o1jax.bench", "accel", "--small", f"--json={out}"], cwd=ROOT,
-                        capture_output=True, text=True, timeout=900)
+  proc = subprocess.run([sys.executable, "-m", "o1jax.bench", "accel", "--small", "--remat=full,none",
+                         f"--json={out}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "speed-up" in proc.stdout and f"wrote {out}" in proc.stdout
   report = json.loads(out.read_text())
@@ -93,8 +108,8 @@ def test_small_run_writes_every_field(tmp_path):
   assert report["steps"] == 2 and report["repeats"] == 2
 
   results = report["results"]
-  assert [(r["workload"], r["task"]) for r in results] == [
-      (w, t) for w in accel.WORKLOADS for t in accel.TASKS]
+  assert [(r["workload"], r["task"], r["settings"]["o1jax_remat_policy"]) for r in results] == [
+      (w, t, p) for w in accel.WORKLOADS for t, p in (("train", "full"), ("train", "none"), ("generate", None))]
   for r in results:
     where = f"{r['workload']} {r['task']}"
     assert r["tokens"] > 0 and r["model_flops"] > 0, where
@@ -113,10 +128,13 @@ def test_small_run_writes_every_field(tmp_path):
     assert _close(q["mfu"], r["o1jax"]["mfu"] / r["torch"]["mfu"]), where
     assert q["peak_memory"] is None, where
 
-  train = {r["workload"]: r for r in results if r["task"] == "train"}
+  # One PyTorch measurement per workload, shared by its o1jax rows; PyTorch keeps the workload's own checkpointing.
+  for w in accel.WORKLOADS:
+    full_remat, no_remat = (r for r in results if r["workload"] == w and r["task"] == "train")
+    assert full_remat["torch"] == no_remat["torch"] and full_remat["o1jax"] != no_remat["o1jax"]
+  train = {r["workload"]: r for r in results if r["task"] == "train"}  # the last row: remat none
   lora, full = train["mistral7b_lora"], train["qwen2_5_0_5b_full"]
-  assert lora["settings"]["o1jax_remat_policy"] == "full" and lora["settings"]["torch_gradient_checkpointing"]
-  assert full["settings"]["o1jax_remat_policy"] == "none" and not full["settings"]["torch_gradient_checkpointing"]
+  assert lora["settings"]["torch_gradient_checkpointing"] and not full["settings"]["torch_gradient_checkpointing"]
   assert lora["settings"]["param_dtype"] == "bfloat16" and full["settings"]["param_dtype"] == "float32"
   # LoRA trains a small fraction of what full fine-tuning trains, on the PyTorch side too.
   assert 0 < lora["torch"]["trainable_params"] < full["torch"]["trainable_params"]

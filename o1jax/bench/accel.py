@@ -19,6 +19,8 @@ peak device memory (jax `memory_stats()['peak_bytes_in_use']`, torch `max_memory
 platform reports none, e.g. CPU) and the ratios o1jax / PyTorch. Training model FLOPs are
 `flops.step_flops`; generation FLOPs are 2 x matmul parameters x tokens (prompt + new, attention left out).
 `--small` shrinks every shape (2 layers, short lengths, few steps): a CPU smoke run of both sides.
+`--remat=P[,P...]` times o1jax's training step once per named remat policy (`o1jax.model.REMAT_POLICIES`), one row
+each against the same PyTorch measurement, so memory and time per policy come from one run.
 """
 from __future__ import annotations
 
@@ -84,13 +86,14 @@ def workload_settings(workload: str) -> dict:
   return dict(finetune="full", dtype="bfloat16", param_dtype="float32", remat_policy="none", checkpointing=False)
 
 
-def model_config(workload: str, small: bool, *, generate: bool = False):
+def model_config(workload: str, small: bool, *, generate: bool = False, remat: str | None = None):
+  """The workload's ModelConfig; `remat` replaces its training remat policy."""
   from o1jax.model import ModelConfig
   s = workload_settings(workload)
   arch = dict(ARCHS[workload], **(SMALL_ARCH if small else {}))
   # Generation serves bf16 weights in both implementations.
   return ModelConfig(**arch, dtype=s["dtype"], param_dtype="bfloat16" if generate else s["param_dtype"],
-                     remat_policy="none" if generate else s["remat_policy"], attention="auto")
+                     remat_policy="none" if generate else remat or s["remat_policy"], attention="auto")
 
 
 def trainer_config(workload: str, load: Load):
@@ -174,13 +177,13 @@ def _jax_machine(small: bool) -> dict:
           "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__}}
 
 
-def jax_train(workload: str, small: bool, steps: int) -> dict:
+def jax_train(workload: str, small: bool, steps: int, remat: str | None = None) -> dict:
   import jax
   from o1jax import config as o1config, sharding
   from o1jax.data.batch import BatchShape
   from o1jax.training.trainer import Trainer
   load = SMALL_LOAD if small else FULL_LOAD
-  cfg = model_config(workload, small)
+  cfg = model_config(workload, small, remat=remat)
   # One device: the per-device load against one PyTorch device.
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   trainer = Trainer(cfg, o1config.trainer_settings(trainer_config(workload, load)), mesh, special_ids(cfg.vocab_size))
@@ -306,8 +309,10 @@ def run_side(args) -> dict:
   """One measurement in this process: its figures plus the machine and versions this side sees."""
   count = args.steps if args.task == "train" else args.repeats
   if args.side == "jax":
-    fn = jax_train if args.task == "train" else jax_generate
-    out = fn(args.workload, args.small, count)
+    if args.task == "train":
+      out = jax_train(args.workload, args.small, count, args.remat)
+    else:
+      out = jax_generate(args.workload, args.small, count)
     out["machine"] = _jax_machine(args.small)
   else:
     fn = torch_train if args.task == "train" else torch_generate
@@ -329,14 +334,16 @@ def _child_env(side: str) -> dict:
   return env
 
 
-def _spawn(side: str, workload: str, task: str, args) -> dict:
+def _spawn(side: str, workload: str, task: str, args, remat: str | None = None) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "result.json")
     cmd = [sys.executable, "-m", "o1jax.bench", "accel", f"--side={side}", f"--workload={workload}",
            f"--task={task}", f"--steps={args.steps}", f"--repeats={args.repeats}", f"--child_json={out}"]
     if args.small:
       cmd.append("--small")
-    print(f"--- {side} {task} {workload}", flush=True)
+    if remat:
+      cmd.append(f"--remat={remat}")
+    print(f"--- {side} {task} {workload}" + (f" remat={remat}" if remat else ""), flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=_child_env(side))
     wall = time.perf_counter() - start
@@ -399,15 +406,23 @@ def print_table(report: dict) -> None:
         print(f"{r['workload']} {r['task']} {side}: {r[side]['error']}")
 
 
+def _policies(workload: str, task: str, args) -> list[str | None]:
+  """o1jax's remat policies measured for a row: `--remat`'s for training, else the workload's own (None)."""
+  return list(args.remat) if task == "train" and args.remat else [None]
+
+
 def run_all(args, write=lambda report: None) -> dict:
   """Every measurement, each in its own process; `write(report)` after each one, so that a run stopped part-way
-  (a time limit) still leaves the figures it had (the rest as errors "not run")."""
+  (a time limit) still leaves the figures it had (the rest as errors "not run"). Raw results are keyed
+  (workload, task, side, remat policy or None)."""
   raw = {}
   for w in args.workloads:
     for task in TASKS:
-      for side in SIDES:
-        raw[(w, task, side)] = _spawn(side, w, task, args)
+      for remat in _policies(w, task, args):
+        raw[(w, task, "jax", remat)] = _spawn("jax", w, task, args, remat)
         write(assemble(raw, args))
+      raw[(w, task, "torch", None)] = _spawn("torch", w, task, args)
+      write(assemble(raw, args))
   return assemble(raw, args)
 
 
@@ -416,38 +431,37 @@ def assemble(raw: dict, args) -> dict:
   from o1jax.data.batch import BatchShape  # no device is touched in this process
   load = SMALL_LOAD if args.small else FULL_LOAD
   not_run = {"error": "not run", "wall_seconds": 0.0}
-  jax_machines = [r["machine"] for (_, _, side), r in raw.items() if side == "jax" and "machine" in r]
-  torch_machines = [r["machine"] for (_, _, side), r in raw.items() if side == "torch" and "machine" in r]
+  jax_machines = [r["machine"] for (_, _, side, _), r in raw.items() if side == "jax" and "machine" in r]
+  torch_machines = [r["machine"] for (_, _, side, _), r in raw.items() if side == "torch" and "machine" in r]
   jm = jax_machines[0] if jax_machines else {"platform": None, "device_kind": None, "device_count": None,
                                              "peak_flops": None, "peak_flops_source": None, "versions": {}}
   tm = torch_machines[0] if torch_machines else {"torch_device": None, "versions": {}}
   peak = jm["peak_flops"]
   results = []
-  for w in args.workloads:
-    for task in TASKS:
-      mine, theirs = raw.get((w, task, "jax"), not_run), raw.get((w, task, "torch"), not_run)
-      if task == "train":
-        tokens = BatchShape(load.queries, load.group_size, load.query_length, load.doc_length).tokens()
-        flops = mine.get("model_flops")  # None when the jax side failed
-        shape = {"queries": load.queries, "group_size": load.group_size, "query_length": load.query_length,
-                 "doc_length": load.doc_length}
-      else:
-        tokens = load.gen_batch * load.new_tokens
-        flops = generation_flops(model_config(w, args.small, generate=True), load)
-        shape = {"batch": load.gen_batch, "prompt_length": load.prompt_length, "new_tokens": load.new_tokens}
-      s = workload_settings(w)
-      j, t = _figures(mine, tokens, flops, peak), _figures(theirs, tokens, flops, peak)
-      results.append({
-          "workload": w, "task": task, "shape": shape, "tokens": tokens, "model_flops": flops,
-          "settings": {"finetune": s["finetune"], "dtype": s["dtype"],
-                       "param_dtype": "bfloat16" if task == "generate" else s["param_dtype"],
-                       "o1jax_remat_policy": s["remat_policy"] if task == "train" else None,
-                       "torch_gradient_checkpointing": s["checkpointing"] if task == "train" else None},
-          "o1jax": j, "torch": t,
-          "ratios": {"speedup": _ratio(t["seconds"], j["seconds"]),
-                     "tokens_per_s": _ratio(j["tokens_per_s"], t["tokens_per_s"]),
-                     "mfu": _ratio(j["mfu"], t["mfu"]),
-                     "peak_memory": _ratio(j["peak_memory_bytes"], t["peak_memory_bytes"])}})
+  for w, task, remat in [(w, t, r) for w in args.workloads for t in TASKS for r in _policies(w, t, args)]:
+    mine, theirs = raw.get((w, task, "jax", remat), not_run), raw.get((w, task, "torch", None), not_run)
+    if task == "train":
+      tokens = BatchShape(load.queries, load.group_size, load.query_length, load.doc_length).tokens()
+      flops = mine.get("model_flops")  # None when the jax side failed
+      shape = {"queries": load.queries, "group_size": load.group_size, "query_length": load.query_length,
+               "doc_length": load.doc_length}
+    else:
+      tokens = load.gen_batch * load.new_tokens
+      flops = generation_flops(model_config(w, args.small, generate=True), load)
+      shape = {"batch": load.gen_batch, "prompt_length": load.prompt_length, "new_tokens": load.new_tokens}
+    s = workload_settings(w)
+    j, t = _figures(mine, tokens, flops, peak), _figures(theirs, tokens, flops, peak)
+    results.append({
+        "workload": w, "task": task, "shape": shape, "tokens": tokens, "model_flops": flops,
+        "settings": {"finetune": s["finetune"], "dtype": s["dtype"],
+                     "param_dtype": "bfloat16" if task == "generate" else s["param_dtype"],
+                     "o1jax_remat_policy": (remat or s["remat_policy"]) if task == "train" else None,
+                     "torch_gradient_checkpointing": s["checkpointing"] if task == "train" else None},
+        "o1jax": j, "torch": t,
+        "ratios": {"speedup": _ratio(t["seconds"], j["seconds"]),
+                   "tokens_per_s": _ratio(j["tokens_per_s"], t["tokens_per_s"]),
+                   "mfu": _ratio(j["mfu"], t["mfu"]),
+                   "peak_memory": _ratio(j["peak_memory_bytes"], t["peak_memory_bytes"])}})
   return {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "small": bool(args.small),
@@ -472,6 +486,8 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--steps", type=int, default=None, help="timed training steps per side (default 5; 2 small)")
   parser.add_argument("--repeats", type=int, default=None, help="timed generations per side (default 3; 2 small)")
   parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {WORKLOADS}")
+  parser.add_argument("--remat", default="", help="comma-separated remat policies for o1jax's training step, one "
+                      "row each (default: each workload's own)")
   # One measurement in this process (what the parent spawns).
   parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
   parser.add_argument("--workload", choices=WORKLOADS, help=argparse.SUPPRESS)
@@ -480,7 +496,12 @@ def main(argv: list[str]) -> None:
   args = parser.parse_args(argv)
   args.steps = args.steps or (2 if args.small else 5)
   args.repeats = args.repeats or (2 if args.small else 3)
+  from o1jax.model import REMAT_POLICIES
+  args.remat = [p for p in args.remat.split(",") if p]
+  if [p for p in args.remat if p not in REMAT_POLICIES] or len(set(args.remat)) != len(args.remat):
+    parser.error(f"--remat={','.join(args.remat)}: expected distinct names of {', '.join(REMAT_POLICIES)}")
   if args.side:
+    args.remat = args.remat[0] if args.remat else None
     if not (args.workload and args.task and args.child_json):
       parser.error("--side needs --workload, --task and --child_json")
     try:
