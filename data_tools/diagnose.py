@@ -40,8 +40,7 @@ from data_tools import explore, inputs, options, shards
 from data_tools.committee import Committee, DenseMember
 from o1jax import storage
 from o1jax.data import readers
-from o1jax.eval import retriever_eval
-from o1jax.eval import thoughts_file
+from o1jax.eval import retriever_eval, thoughts_file
 from o1jax.eval.thoughts_file import QueryThoughts, read_thoughts, write_thoughts
 from o1jax.files import atomic_write_json
 from o1jax.templates import document_text

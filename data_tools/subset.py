@@ -16,7 +16,7 @@ import sys
 
 from data_tools import shards
 from o1jax import storage
-from o1jax.data.readers import BeirDataset, Doc, load_beir
+from o1jax.data.readers import BeirDataset, Doc, load_beir_splits
 from o1jax.files import atomic_write_text
 
 PROG = "python -m data_tools.subset"
@@ -49,7 +49,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def cut(datasets: dict[str, BeirDataset], counts: dict[str, int], other_docs: int
         ) -> tuple[dict[str, Doc], dict[str, str], dict[str, dict[str, dict[str, int]]]]:
-  """(corpus, queries, {split: qrels}) of the subset of `datasets` (one per split, loaded from the same directory)."""
+  """(corpus, queries, {split: qrels}) of the subset of `datasets` (one per split, sharing one corpus)."""
   qrels = {split: dict(list(d.qrels.items())[:counts[split]]) for split, d in datasets.items()}
   corpus = next(iter(datasets.values())).corpus
   judged = {doc for split in qrels.values() for grades in split.values() for doc in grades}
@@ -61,7 +61,7 @@ def cut(datasets: dict[str, BeirDataset], counts: dict[str, int], other_docs: in
 def main(argv: Sequence[str]) -> dict[str, int]:
   args = parse_args(argv)
   counts = dict(args.queries)
-  datasets = {split: load_beir(args.dataset, split) for split in counts}
+  datasets = load_beir_splits(args.dataset, list(counts))
   for split, count in counts.items():
     if len(datasets[split].qrels) < count:
       raise ValueError(f"--queries={split}:{count}: qrels/{split}.tsv judges only {len(datasets[split].qrels)} queries")

@@ -216,3 +216,11 @@ def test_truncated_gzip_names_the_file_and_line(tmp_path):
   path.write_bytes(full[:len(full) // 2])
   with pytest.raises(DataFormatError, match=rf"{path}, line \d+, field '<gzip>': unreadable compressed data"):
     readers.read_beir_queries(path)
+
+
+def test_several_splits_share_one_read_of_the_corpus_and_queries(shared_dir):
+  scifact = shared_dir / "data" / "beir-scifact"
+  splits = readers.load_beir_splits(scifact, ["train", "test"])
+  assert splits["train"].corpus is splits["test"].corpus
+  for split in ("train", "test"):
+    assert splits[split] == readers.load_beir(scifact, split)

@@ -14,7 +14,7 @@ import json
 import os
 import pathlib
 import zlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 PathLike = str | os.PathLike
 
@@ -266,19 +266,38 @@ def load_beir(directory: PathLike, split: str, require_judged_docs: bool = True)
   as the TREC DL pools whose official qrels judge passages outside the pool) every qrels doc id in the corpus.
   The returned queries are the ones judged in the split.
   """
+  return load_beir_splits(directory, [split], require_judged_docs)[split]
+
+
+def load_beir_splits(directory: PathLike, splits: Sequence[str], require_judged_docs: bool = True
+                     ) -> dict[str, BeirDataset]:
+  """`load_beir` of several qrels splits of one directory, its corpus and queries read once and shared."""
   directory = pathlib.Path(directory)
-  return load_files(find_file(directory, "corpus.jsonl"), find_file(directory, "queries.jsonl"),
-                    find_file(directory / "qrels", f"{split}.tsv"), require_judged_docs)
+  corpus_path, queries_path = find_file(directory, "corpus.jsonl"), find_file(directory, "queries.jsonl")
+  qrels_paths = {split: find_file(directory / "qrels", f"{split}.tsv") for split in splits}
+  corpus, all_queries = _corpus_and_queries(corpus_path, queries_path)
+  return {split: _judged(corpus, corpus_path, all_queries, queries_path, path, require_judged_docs)
+          for split, path in qrels_paths.items()}
 
 
 def load_files(corpus_path: PathLike, queries_path: PathLike, qrels_path: PathLike,
                require_judged_docs: bool = True) -> BeirDataset:
   """A dataset from loose files: corpus and queries as jsonl or tsv (`read_corpus`, `read_queries`), qrels as
   BEIR tsv or TREC 4-column; checked as `load_beir` checks a directory."""
+  corpus, all_queries = _corpus_and_queries(corpus_path, queries_path)
+  return _judged(corpus, corpus_path, all_queries, queries_path, qrels_path, require_judged_docs)
+
+
+def _corpus_and_queries(corpus_path: PathLike, queries_path: PathLike) -> tuple[dict[str, Doc], dict[str, str]]:
   corpus = read_corpus(corpus_path)
   if not corpus:
     raise DataFormatError(corpus_path, 1, "_id", "empty corpus")
-  all_queries = read_queries(queries_path)
+  return corpus, read_queries(queries_path)
+
+
+def _judged(corpus: dict[str, Doc], corpus_path: PathLike, all_queries: dict[str, str], queries_path: PathLike,
+            qrels_path: PathLike, require_judged_docs: bool) -> BeirDataset:
+  """The dataset of `qrels_path`'s judgements over a read corpus and queries, every judged id checked."""
   for number, query_id, doc_id, _ in qrels_rows(qrels_path):
     if query_id not in all_queries:
       raise DataFormatError(qrels_path, number, "query-id", f"query {query_id!r} is not in {queries_path}")
