@@ -29,7 +29,7 @@ from o1jax.data.batching import BatchSpec
 from o1jax.data.synthetic import SyntheticSpec
 from o1jax.model import REMAT_POLICIES, ModelConfig
 from o1jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
-from o1jax.model.config import DTYPES, RUNTIME_FIELDS
+from o1jax.model.config import DTYPES, LAYOUT_FIELDS, RUNTIME_FIELDS
 from o1jax.templates import DOC_TEMPLATE_TOKENS, QUERY_TEMPLATE_TOKENS
 from o1jax.training.logger import LogSettings
 from o1jax.training.objective import Objective
@@ -270,7 +270,7 @@ def _path_problems(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def _arch_problems(config: ml_collections.ConfigDict) -> list[str]:
-  fields = {f.name for f in dataclasses.fields(ModelConfig)} - set(RUNTIME_FIELDS)
+  fields = {f.name for f in dataclasses.fields(ModelConfig)} - set(RUNTIME_FIELDS) - set(LAYOUT_FIELDS)
   unknown = sorted(set(config.model.arch) - fields)
   if unknown:
     return [f"config.model.arch.{k}: unknown key (ModelConfig fields: {', '.join(sorted(fields))})" for k in unknown]

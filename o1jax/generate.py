@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from o1jax.model import Decoder, KVCache, ModelConfig
+from o1jax.model import Decoder, KVCache, ModelConfig, decoding_layout
 
 MIN_PROMPT_BUCKET = 16
 
@@ -155,6 +155,12 @@ def generate_padded(params, prompt_ids, prompt_mask, rng, temperature, top_p, re
   return tokens, lengths
 
 
+def _platform(params) -> str:
+  leaf = jax.tree.leaves(params)[0]
+  devices = leaf.devices() if isinstance(leaf, jax.Array) else jax.devices()
+  return next(iter(devices)).platform
+
+
 class Generator:
   """Generates continuations of token-id prompts with a fixed model.
 
@@ -162,9 +168,14 @@ class Generator:
   """
 
   def __init__(self, cfg: ModelConfig, params, *, eos_ids: Sequence[int] | None = None, pad_id: int | None = None):
-    # Decoding updates one slot of the stacked KV cache per layer: in place inside the rolled layer loop, but
-    # copied whole per layer when unrolled (3x slower decoding measured on SmolLM2).
-    self.cfg, self.params = dataclasses.replace(cfg, unroll_layers=False), params
+    # Decoding reads every weight once per token. On a CPU, XLA copies each layer's weights out of the stacked
+    # parameters before its matmuls, so there each layer gets its own weights and cache buffers
+    # (`decoding_layout`: one copy of the weights, made here; SmolLM2 at batch 8: 64 -> 50 ms per token step).
+    # Elsewhere the rolled layer loop reads the stacked parameters and updates the stacked cache in place.
+    self.cfg = dataclasses.replace(cfg, unroll_layers=False)
+    self.params = params
+    if _platform(params) == "cpu":
+      self.cfg, self.params = decoding_layout(self.cfg, params)
     self.eos_ids = tuple(eos_ids) if eos_ids is not None else cfg.eos_token_ids
     if not self.eos_ids:
       raise ValueError("no EOS token id: the model config has none and eos_ids was not given")

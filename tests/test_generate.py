@@ -8,7 +8,7 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 
 from o1jax.generate import (TOP_P_CANDIDATES, Generator, Sampling, bucket, generate_padded, penalize_repeats,
                             top_p_filter)
-from o1jax.model import Decoder, ModelConfig, init_params
+from o1jax.model import Decoder, ModelConfig, decoding_layout, init_params
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, eos_token_id=3, pad_token_id=0)
@@ -46,6 +46,54 @@ def test_cache_decoding_equals_full_reforward(family, window):
   outs = Generator(cfg, params, eos_ids=eos).generate(prompts, max_new_tokens=steps)
   for prompt, out in zip(prompts, outs):
     assert out == full_reforward_greedy(cfg, params, prompt, steps, eos)
+
+
+@pytest.mark.parametrize("family,tied", [("llama", True), ("qwen2", False)])
+def test_decoding_layout_is_the_same_model(family, tied):
+  """Per-layer weights and an untied copy of a tied head (CPU decoding's layout) compute what the stacked
+  parameters do: hidden states, logits, and (with remat) the gradients, mapped back through the layout."""
+  cfg = ModelConfig(family=family, tie_word_embeddings=tied, attention_bias=family == "qwen2", remat_policy="full",
+                    **TINY)
+  params = init_params(cfg, jax.random.key(6))
+  layout_cfg, layout_params = decoding_layout(cfg, params)
+  assert not layout_cfg.scan_layers and not layout_cfg.tie_word_embeddings
+  assert sorted(k for k in layout_params if k.startswith("layers_")) == ["layers_0", "layers_1"]
+  ids = jnp.asarray([[5, 9, 17, 33, 2, 0], [7, 8, 0, 0, 0, 0]], jnp.int32)
+  mask = (ids > 0).astype(jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(6), ids.shape)
+
+  def forward(c, p):
+    return Decoder(c).apply({"params": p}, ids, positions, mask, method=Decoder.forward_logits)
+
+  for ours, theirs in zip(forward(cfg, params), forward(layout_cfg, layout_params)):
+    np.testing.assert_allclose(theirs, ours, rtol=1e-6, atol=1e-6)
+  loss = lambda c: lambda p: jnp.sum(forward(c, p)[1][:, :, :8] ** 2)
+  stacked = jax.grad(loss(cfg))(params)
+  per_layer = jax.grad(loss(layout_cfg))(layout_params)
+  for i in range(cfg.num_hidden_layers):
+    jax.tree.map(lambda a, b, i=i: np.testing.assert_allclose(b, a[i], rtol=1e-5, atol=1e-6), stacked["layers"],
+                 per_layer[f"layers_{i}"])
+
+
+def test_stacked_cache_decoding_equals_cpu_layout():
+  """The rolled layer loop over a stacked KV cache (how accelerators decode) and CPU's per-layer layout generate
+  the same tokens."""
+  cfg = ModelConfig(family="mistral", sliding_window=6, **TINY)
+  params = init_params(cfg, jax.random.key(7))
+  params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 20
+  generator = Generator(cfg, params, eos_ids=(96,), pad_id=0)
+  assert not generator.cfg.scan_layers  # on this CPU
+  prompts = [[5, 9, 17, 33, 2], [7], [11, 12, 13, 14, 15, 16, 17, 18, 19]]
+  expected = generator.generate(prompts, max_new_tokens=10)
+  ids = np.zeros((4, 16), np.int32)
+  mask = np.zeros((4, 16), np.int32)
+  for row, prompt in enumerate(prompts):
+    ids[row, 16 - len(prompt):], mask[row, 16 - len(prompt):] = prompt, 1
+  mask[3, -1] = 1
+  tokens, lengths = generate_padded(params, ids, mask, jax.random.key(0), jnp.float32(1e-6), jnp.float32(1.0),
+                                    jnp.float32(1.0), jnp.asarray([96], jnp.int32), jnp.int32(0), cfg=cfg,
+                                    max_new_tokens=10, greedy=True)
+  assert [np.asarray(tokens)[r, :np.asarray(lengths)[r]].tolist() for r in range(3)] == expected
 
 
 def test_rows_stop_at_their_own_eos():

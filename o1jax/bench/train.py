@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import sys
 import tempfile
 
@@ -25,7 +26,19 @@ SIDES = ("o1jax", "pytorch")
 
 
 def _rss_gib() -> dict:
-  return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return {"peak_rss_gib": usage.ru_maxrss / 2**20, "user_s": usage.ru_utime, "system_s": usage.ru_stime,
+          "minor_faults": usage.ru_minflt, "major_faults": usage.ru_majflt}
+
+
+def _kernel_time(rounds: list[dict], side: str) -> dict:
+  """Median system seconds and minor page faults per round of `side` (from the second round: each round's
+  figures are the worker's totals so far). A step that maps its temporaries afresh spends them in page faults."""
+  totals = [r["after"][side] for r in rounds]
+  if len(totals) < 2:
+    return {}
+  median = lambda key: statistics.median(b[key] - a[key] for a, b in zip(totals, totals[1:]))
+  return {"system_s_per_round": median("system_s"), "minor_faults_per_round": median("minor_faults")}
 
 
 def torch_contrastive_step(model, optimizer, batch, *, tau: float, group_size: int, w_ctr: float, w_gen: float,
@@ -179,11 +192,13 @@ def main(argv: list[str]) -> None:
     figures = {}
     for side, s in result["sides"].items():
       rss = max(r["after"][side]["peak_rss_gib"] for r in result["rounds"])
+      kernel = _kernel_time(result["rounds"], side)
       figures[side] = {"ms_per_step": 1e3 * s["median"], "tokens_per_s": tokens / s["median"],
-                       "matmul_peak_fraction": flops / s["median"] / peak, "peak_rss_gib": rss}
+                       "matmul_peak_fraction": flops / s["median"] / peak, "peak_rss_gib": rss, **kernel}
       print(f"[{name}] {side:8s} {1e3 * s['median']:8.1f} ms/step (rounds {1e3 * s['min']:.1f}-{1e3 * s['max']:.1f})"
             f", {tokens / s['median']:,.0f} tokens/s, {flops / s['median'] / peak:.3f} of the matmul peak, "
-            f"peak RSS {rss:.2f} GiB")
+            f"peak RSS {rss:.2f} GiB" + (f", per round {kernel['system_s_per_round']:.2f} s in the kernel for "
+                                         f"{kernel['minor_faults_per_round']:,.0f} page faults" if kernel else ""))
     print(f"[{name}] " + protocol.describe(result, "speed-up o1jax over PyTorch"))
     results[name] = {"tokens_per_step": tokens, "flops_per_step": flops, "figures": figures, "comparison": result}
   if args.json:

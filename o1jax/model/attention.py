@@ -93,11 +93,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementa
   chosen = resolve(implementation, q, k, key_valid)
   if chosen == "einsum":
     groups = heads // kv_heads
-    grouped = q.reshape(b, t, kv_heads, groups, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", grouped, k, preferred_element_type=jnp.float32) * hd**-0.5
+    # Both contractions in [B, kv_heads, ..., head_dim] form, the KV cache's layout (its transposes cancel).
+    grouped = q.reshape(b, t, kv_heads, groups, hd).transpose(0, 2, 3, 1, 4)
+    k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", grouped, k, preferred_element_type=jnp.float32) * hd**-0.5
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, heads * hd)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, heads * hd)
   if chosen == "splash":
     return _splash(q, k.astype(q.dtype), v.astype(q.dtype), key_valid, sliding_window).reshape(b, t, heads * hd)
   out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, :, 0],

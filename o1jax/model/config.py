@@ -18,6 +18,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 # How the model runs rather than what it is: not in a checkpoint's Hugging Face config, set by config.model.<name>
 # whatever the weights' source.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention", "unroll_layers")
+# Set only by code that also converts the parameters to match (the generator), never by a config.
+LAYOUT_FIELDS = ("scan_layers",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +44,7 @@ class ModelConfig:
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
   pad_token_id: int | None = None
-  # Runtime options (RUNTIME_FIELDS).
+  # Runtime options (RUNTIME_FIELDS, then LAYOUT_FIELDS).
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat_policy: str = "none"
@@ -50,6 +52,10 @@ class ModelConfig:
   # The layer loop written out as straight-line code (parameters stay stacked): no per-layer weight slices or
   # stacked residual buffers, so faster steps on CPU, at the cost of a compile time that grows with depth.
   unroll_layers: bool = False
+  # False: each layer has its own parameters (`layers_0`, `layers_1`, ...; `decoder.unstack_layers` converts the
+  # stacked layout) and its own KV-cache buffers. XLA:CPU copies a stacked layer's weights out of the stack before
+  # each matmul, which is most of a memory-bound decoding step; the generator decodes this way.
+  scan_layers: bool = True
 
   def __post_init__(self):
     if self.family not in FAMILIES:

@@ -42,18 +42,22 @@ BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embe
 
 
 class KVCache(NamedTuple):
-  """Keys and values of every layer at fixed slots, and which slots hold a real token."""
-  k: jnp.ndarray  # [layers, B, S, kv_heads, head_dim]
-  v: jnp.ndarray  # [layers, B, S, kv_heads, head_dim]
+  """Keys and values of every layer at fixed slots, and which slots hold a real token. Stacked over layers, or with
+  `scan_layers` off a tuple of one buffer per layer (each updated in place)."""
+  k: jnp.ndarray | tuple[jnp.ndarray, ...]  # [layers, B, kv_heads, S, head_dim], or layers x [B, kv_heads, S, ...]
+  v: jnp.ndarray | tuple[jnp.ndarray, ...]
   valid: jnp.ndarray  # [B, S] bool
   index: jnp.ndarray  # int32 scalar: the first free slot
 
   @classmethod
   def empty(cls, cfg: ModelConfig, batch: int, slots: int) -> KVCache:
-    shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
+    shape = (batch, cfg.num_key_value_heads, slots, cfg.head_dim)
     dtype = jnp.dtype(cfg.dtype)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool),
-               jnp.zeros((), jnp.int32))
+    if cfg.scan_layers:
+      k = v = jnp.zeros((cfg.num_hidden_layers, *shape), dtype)
+    else:
+      k = v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+    return cls(k, v, jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
 
 
 def _dense(features: int, axes: tuple[str, str], cfg: ModelConfig, name: str, bias: bool = False):
@@ -96,9 +100,11 @@ class Attention(nn.Module):
     q, k, v = checkpoint_name(q, QUERY), checkpoint_name(k, KEY), checkpoint_name(v, VALUE)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     if k_cache is not None:
-      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-      k, v = k_cache, v_cache
+      # The cache is [B, kv_heads, S, head_dim], the layout the score and output contractions read, so decoding
+      # does not transpose every cached key and value at each step.
+      k_cache = jax.lax.dynamic_update_slice(k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), (0, 0, index, 0))
+      v_cache = jax.lax.dynamic_update_slice(v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), (0, 0, index, 0))
+      k, v = k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2)
     out = checkpoint_name(attend(q, k, v, mask, cfg.attention, key_valid, cfg.sliding_window), CONTEXT)
     # Llama's optional attention bias covers o_proj too; Qwen2's does not.
     o_bias = cfg.attention_bias and cfg.family == "llama"
@@ -119,20 +125,28 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """One pre-norm block; a scan body: (x, k_cache, v_cache) is the carry, layer i reads and writes cache slice i."""
+  """One pre-norm block. `__call__` is the scan body over stacked layers ((x, k_cache, v_cache, layer) is the carry;
+  layer i reads and writes slice i of the stacked cache); `block` runs the layer on its own cache buffers."""
   cfg: ModelConfig
 
-  @nn.compact
+  def setup(self):
+    self.input_layernorm = RMSNorm(self.cfg)
+    self.self_attn = Attention(self.cfg)
+    self.post_attention_layernorm = RMSNorm(self.cfg)
+    self.mlp = MLP(self.cfg)
+
+  def block(self, x, cos, sin, mask, key_valid, k_cache, v_cache, index):
+    h, k_cache, v_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, key_valid, k_cache, v_cache, index)
+    x = x + h
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED)), k_cache, v_cache
+
   def __call__(self, carry, cos, sin, mask, key_valid, index):
     x, k_all, v_all, layer = carry
     k_cache = v_cache = None
     if k_all is not None:
       k_cache, v_cache = k_all[layer], v_all[layer]
-    h, k_cache, v_cache = Attention(self.cfg, name="self_attn")(
-        RMSNorm(self.cfg, name="input_layernorm")(x), cos, sin, mask, key_valid, k_cache, v_cache, index)
-    x = x + h
-    x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attention_layernorm")(x))
-    x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+    x, k_cache, v_cache = self.block(x, cos, sin, mask, key_valid, k_cache, v_cache, index)
     if k_all is not None:
       k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_cache, layer, 0)
       v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_cache, layer, 0)
@@ -160,12 +174,16 @@ class Decoder(nn.Module):
     if cfg.remat_policy != "none":
       if cfg.remat_policy not in REMAT_POLICIES:
         raise ValueError(f"unknown remat_policy {cfg.remat_policy!r}; choose from {', '.join(REMAT_POLICIES)}")
-      layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-    self.layers = nn.scan(
-        layer, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(nn.broadcast,) * 5,
-        length=cfg.num_hidden_layers, unroll=cfg.num_hidden_layers if cfg.unroll_layers else 1,
-        metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+      layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False,
+                       methods=None if cfg.scan_layers else ["block"])
+    if cfg.scan_layers:
+      self.layers = nn.scan(
+          layer, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast,) * 5,
+          length=cfg.num_hidden_layers, unroll=cfg.num_hidden_layers if cfg.unroll_layers else 1,
+          metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+    else:
+      self.layers = [layer(cfg) for _ in range(cfg.num_hidden_layers)]  # parameters layers_0, layers_1, ...
     self.norm = RMSNorm(cfg)
     if not cfg.tie_word_embeddings:
       self.lm_head = LMHead(cfg)
@@ -180,13 +198,24 @@ class Decoder(nn.Module):
     if cache is None:
       slots = jnp.arange(t)
       mask = attention_mask(slots, slots, valid, self.cfg.sliding_window)
-      (x, _, _, _), _ = self.layers((x, None, None, jnp.int32(0)), cos, sin, mask, valid, None)
-      return self.norm(x)
+      return self.norm(self._layers(x, cos, sin, mask, valid, None, None, None)[0])
     valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
     q_slots = cache.index + jnp.arange(t)
     mask = attention_mask(q_slots, jnp.arange(valid.shape[1]), valid, self.cfg.sliding_window)
-    (x, k, v, _), _ = self.layers((x, cache.k, cache.v, jnp.int32(0)), cos, sin, mask, None, cache.index)
+    x, k, v = self._layers(x, cos, sin, mask, None, cache.k, cache.v, cache.index)
     return self.norm(x), KVCache(k, v, valid, cache.index + t)
+
+  def _layers(self, x, cos, sin, mask, key_valid, k, v, index):
+    if self.cfg.scan_layers:
+      (x, k, v, _), _ = self.layers((x, k, v, jnp.int32(0)), cos, sin, mask, key_valid, index)
+      return x, k, v
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      x, k_i, v_i = layer.block(x, cos, sin, mask, key_valid, None if k is None else k[i], None if v is None else v[i],
+                                index)
+      new_k.append(k_i)
+      new_v.append(v_i)
+    return x, (None if k is None else tuple(new_k)), (None if v is None else tuple(new_v))
 
   def _embed(self, input_ids):
     # Gather the table's embed dimension (FSDP-style, like any weight) before the lookup: a lookup into a table
@@ -235,3 +264,16 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
 def logical_axes(cfg: ModelConfig) -> dict:
   """The parameter tree with a PartitionSpec of logical axis names at every leaf."""
   return nn.get_partition_spec(jax.eval_shape(lambda: _init(cfg, jax.random.key(0))))["params"]
+
+
+def decoding_layout(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
+  """The same model laid out for memory-bound decoding on a CPU: each layer its own weights (`scan_layers` off;
+  XLA:CPU would copy a stacked layer's weights out of the stack before each matmul) and a tied LM head as its
+  own [hidden, vocab] kernel (the embedding's transpose, which the head's matmul reads faster). The copies are
+  made once, here: the body's weights, and the head's when tied."""
+  layers = params["layers"]
+  out = {k: v for k, v in params.items() if k != "layers"}
+  out.update({f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], layers) for i in range(cfg.num_hidden_layers)})
+  if cfg.tie_word_embeddings:
+    out["lm_head"] = {"kernel": jnp.asarray(params["embed_tokens"]["embedding"]).T.copy()}
+  return cfg.replace(scan_layers=False, tie_word_embeddings=False), out
