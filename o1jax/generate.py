@@ -11,6 +11,7 @@ import functools
 import math
 import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -168,19 +169,25 @@ class Generator:
   """
 
   def __init__(self, cfg: ModelConfig, params, *, eos_ids: Sequence[int] | None = None, pad_id: int | None = None):
-    # Decoding reads every weight once per token. On a CPU, XLA copies each layer's weights out of the stacked
-    # parameters before its matmuls, so there each layer gets its own weights and cache buffers
-    # (`decoding_layout`: one copy of the weights, made here; SmolLM2 at batch 8: 64 -> 50 ms per token step).
-    # Elsewhere the rolled layer loop reads the stacked parameters and updates the stacked cache in place.
-    self.cfg = dataclasses.replace(cfg, unroll_layers=False)
-    self.params = params
-    if _platform(params) == "cpu":
-      self.cfg, self.params = decoding_layout(self.cfg, params)
+    self.cfg, self.params = dataclasses.replace(cfg, unroll_layers=False), params
     self.eos_ids = tuple(eos_ids) if eos_ids is not None else cfg.eos_token_ids
     if not self.eos_ids:
       raise ValueError("no EOS token id: the model config has none and eos_ids was not given")
     self.pad_id = pad_id if pad_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None
                                                      else self.eos_ids[0])
+
+  @functools.cached_property
+  def decoding(self) -> tuple[ModelConfig, Any]:
+    """The config and parameters the decoding loop runs, laid out at the first call.
+
+    Decoding reads every weight once per token. On a CPU, XLA copies each layer's weights out of the stacked
+    parameters before its matmuls, so there each layer gets its own weights and cache buffers (`decoding_layout`:
+    one copy of the weights, not made for a generator that never runs; SmolLM2 at batch 8: 64 -> 50 ms per
+    token step). Elsewhere the rolled layer loop reads the stacked parameters and updates the stacked cache in place.
+    """
+    if _platform(self.params) == "cpu":
+      return decoding_layout(self.cfg, self.params)
+    return self.cfg, self.params
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
                top_p: float = 1.0, rng: jax.Array | None = None, repetition_penalty: float = 1.0
@@ -201,10 +208,11 @@ class Generator:
       ids[row, length - len(prompt):] = prompt
       mask[row, length - len(prompt):] = 1
     mask[len(prompts):, -1] = 1  # filler rows: one token, so they stay well defined
+    cfg, params = self.decoding
     tokens, lengths = generate_padded(
-        self.params, ids, mask, rng if rng is not None else jax.random.key(0), jnp.float32(max(temperature, 1e-6)),
+        params, ids, mask, rng if rng is not None else jax.random.key(0), jnp.float32(max(temperature, 1e-6)),
         jnp.float32(top_p), jnp.float32(repetition_penalty), jnp.asarray(self.eos_ids, jnp.int32),
-        jnp.int32(self.pad_id), cfg=self.cfg, max_new_tokens=max_new_tokens, greedy=greedy,
+        jnp.int32(self.pad_id), cfg=cfg, max_new_tokens=max_new_tokens, greedy=greedy,
         penalize=repetition_penalty != 1.0)
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
     return [tokens[row, :lengths[row]].tolist() for row in range(len(prompts))]

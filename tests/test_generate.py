@@ -82,7 +82,7 @@ def test_stacked_cache_decoding_equals_cpu_layout():
   params = init_params(cfg, jax.random.key(7))
   params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 20
   generator = Generator(cfg, params, eos_ids=(96,), pad_id=0)
-  assert not generator.cfg.scan_layers  # on this CPU
+  assert not generator.decoding[0].scan_layers  # on this CPU
   prompts = [[5, 9, 17, 33, 2], [7], [11, 12, 13, 14, 15, 16, 17, 18, 19]]
   expected = generator.generate(prompts, max_new_tokens=10)
   ids = np.zeros((4, 16), np.int32)
