@@ -52,7 +52,7 @@ class ModelConfig:
   # The layer loop written out as straight-line code (parameters stay stacked): no per-layer weight slices or
   # stacked residual buffers, so faster steps on CPU, at the cost of a compile time that grows with depth.
   unroll_layers: bool = False
-  # False: each layer has its own parameters (`layers_0`, `layers_1`, ...; `decoder.unstack_layers` converts the
+  # False: each layer has its own parameters (`layers_0`, `layers_1`, ...; `decoder.decoding_layout` converts the
   # stacked layout) and its own KV-cache buffers. XLA:CPU copies a stacked layer's weights out of the stack before
   # each matmul, which is most of a memory-bound decoding step; the generator decodes this way.
   scan_layers: bool = True

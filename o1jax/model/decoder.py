@@ -275,5 +275,5 @@ def decoding_layout(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
   out = {k: v for k, v in params.items() if k != "layers"}
   out.update({f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], layers) for i in range(cfg.num_hidden_layers)})
   if cfg.tie_word_embeddings:
-    out["lm_head"] = {"kernel": jnp.asarray(params["embed_tokens"]["embedding"]).T.copy()}
+    out["lm_head"] = {"kernel": jnp.asarray(params["embed_tokens"]["embedding"]).T}  # a transposed copy
   return cfg.replace(scan_layers=False, tie_word_embeddings=False), out
