@@ -25,6 +25,11 @@ stopwords. Bad input ends the command with one line.
 """
 from __future__ import annotations
 
+from o1jax import host_allocator
+
+if __name__ == "__main__":  # before jax, TensorFlow and PyTorch start their threads and allocate
+  host_allocator.reexec_on_cpu()
+
 import argparse
 from collections.abc import Sequence
 import dataclasses

@@ -15,6 +15,11 @@ query keeps its non-empty candidates (fewer than --k when some answers were empt
 """
 from __future__ import annotations
 
+from o1jax import host_allocator
+
+if __name__ == "__main__":  # before jax, TensorFlow and PyTorch start their threads and allocate
+  host_allocator.reexec_on_cpu()
+
 import argparse
 from collections.abc import Sequence
 import dataclasses
@@ -136,6 +141,7 @@ def run(argv: Sequence[str]) -> None:
 
 def cli() -> None:
   """`python -m data_tools.synthesize` and the `o1jax-synthesize` command."""
+  host_allocator.reexec_on_cpu()  # the o1jax-synthesize command (`python -m` re-executed at the top already)
   run(sys.argv[1:])
 
 

@@ -20,6 +20,11 @@ Faults end the run with one line naming the file, record, step or config key, an
 """
 from __future__ import annotations
 
+from o1jax import host_allocator
+
+if __name__ == "__main__":  # before jax and TensorFlow start their threads and allocate
+  host_allocator.reexec_on_cpu()
+
 import contextlib
 import logging
 import sys
@@ -92,6 +97,8 @@ def main(argv: list[str]) -> list[dict[str, float]]:
 def _train(config: ml_collections.ConfigDict, run: o1config.RunSettings,
            stop: preemption.StopAgreement) -> list[dict[str, float]]:
   mesh = sharding.make_mesh(config.mesh)
+  logging.info("devices: %d x %s; host allocator: %s", jax.device_count(), jax.default_backend(),
+               host_allocator.active())
   model_cfg, params, tokenizer, special = sources.build_model(run.model, run.data, mesh)
   records = sources.load_records(run.data, jax.process_index(), jax.process_count())
   batcher = batching.Batcher(records, tokenizer, special, run.batch, jax.process_index(), jax.process_count())
@@ -175,6 +182,7 @@ def _stop_at_bad_record(error: Exception, ckpt: checkpoint.Checkpointer | None,
 
 def cli() -> None:
   """`python -m o1jax.train` and the `o1jax-train` command: one line and exit 1 on bad input or a fault."""
+  host_allocator.reexec_on_cpu()  # the o1jax-train command (`python -m` re-executed at the top already)
   logging.getLogger().setLevel(logging.INFO)  # absl's handler is already installed; just let INFO through
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save at INFO through absl's logger
   try:

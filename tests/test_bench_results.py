@@ -2,6 +2,7 @@
 the committed JSON in launch/results/bench; the protocol's median / spread / verdict on hand-made rounds; and a
 real A/B run of two worker processes whose costs are known (sleeps of 20 and 40 ms), interleaved in turns."""
 import json
+import os
 import pathlib
 import statistics
 import subprocess
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 
+from o1jax import host_allocator
 from o1jax.bench import protocol, render
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -108,14 +110,17 @@ protocol.serve(lambda: protocol.Workload(run=lambda: time.sleep(delay), info={"d
 """
 
 
-def _side(name, delay):
-  return protocol.Side(name, [sys.executable, "-c", WORKER, str(delay)])
+def _side(name, delay, env=None):
+  return protocol.Side(name, [sys.executable, "-c", WORKER, str(delay)], env)
 
 
 def test_a_real_ab_run_of_two_worker_processes():
-  result = protocol.compare((_side("fast", 0.02), _side("slow", 0.04)), rounds=3, pause=0.05)
+  # Each worker runs in the environment its side names, and says which host allocator it got.
+  mimalloc = host_allocator.environment({k: v for k, v in os.environ.items() if k != host_allocator.SWITCH})
+  result = protocol.compare((_side("fast", 0.02, mimalloc), _side("slow", 0.04)), rounds=3, pause=0.05)
   assert [r["order"] for r in result["rounds"]] == [["fast", "slow"], ["slow", "fast"], ["fast", "slow"]]
-  assert result["info"] == {"fast": {"delay": 0.02}, "slow": {"delay": 0.04}}
+  assert result["info"] == {"fast": {"delay": 0.02, "host_allocator": "mimalloc"},
+                            "slow": {"delay": 0.04, "host_allocator": host_allocator.active()}}
   assert all(len(r["seconds"]["fast"]) == 2 and r["after"]["slow"] == {"pid_ok": True} for r in result["rounds"])
   assert 0.02 <= result["sides"]["fast"]["min"] and 0.04 <= result["sides"]["slow"]["min"]
   assert 1.3 < result["ratio"]["median"] < 2.5  # sleeps overshoot a little, never by 20 ms on both sides

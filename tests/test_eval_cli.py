@@ -127,6 +127,20 @@ def test_max_queries_think_off_and_self_hits(cli_run, scifact_subset, model_dir,
   assert "o1jax no-think" in printed and printed.count("\nBM25\t") == 5
 
 
+def test_the_cli_on_a_cpu_runs_under_mimalloc_with_the_same_results(tmp_path, scifact_subset, model_dir):
+  args = [f"--checkpoint={model_dir}", f"--dataset={scifact_subset}", "--think=off", "--baselines=",
+          "--max_queries=8", "--search=exact"]
+  env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "O1JAX_HOST_ALLOCATOR")}
+  proc = subprocess.run([sys.executable, "-m", "o1jax.eval", *args, f"--out={tmp_path / 'cli'}"], cwd=ROOT,
+                        env=dict(env, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  main([*args, f"--out={tmp_path / 'here'}"])
+  cli, here = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("cli", "here"))
+  assert cli["host_allocator"] == "mimalloc" and here["host_allocator"] == "system"
+  assert cli["metrics"] == here["metrics"]
+
+
 def test_bad_input_is_named(tmp_path, model_dir):
   corpus = {"d1": ("", "vitamin C"), "d2": ("Colds", "zinc")}
   missing = write_beir(tmp_path / "missing", corpus, {"q1": "scurvy"}, {"q1": {"d1": 1, "d9": 1}})

@@ -12,6 +12,7 @@ import os
 import pathlib
 import sys
 
+from o1jax import host_allocator
 from o1jax.bench import protocol
 
 QUESTIONS = [
@@ -94,7 +95,8 @@ def main(argv: list[str]) -> None:
 
   common = [f"--gguf={args.gguf}", f"--batch={args.batch}", f"--new_tokens={args.new_tokens}",
             f"--steps={args.steps}"]
-  sides = tuple(protocol.Side(s, [sys.executable, "-m", "o1jax.bench", "generate", f"--worker={s}", *common])
+  env = host_allocator.cpu_environment(os.environ)  # both sides: the ratio compares the frameworks, not mallocs
+  sides = tuple(protocol.Side(s, [sys.executable, "-m", "o1jax.bench", "generate", f"--worker={s}", *common], env)
                 for s in SIDES)
   try:
     result = protocol.compare(sides, args.rounds)

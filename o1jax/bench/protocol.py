@@ -31,6 +31,7 @@ import sys
 import time
 from typing import Callable
 
+from o1jax import host_allocator
 from o1jax.files import atomic_write_json
 
 MARK = "@@bench "  # prefixes the worker's replies: anything else its libraries print passes through
@@ -48,6 +49,7 @@ class Thresholds:
 class Side:
   name: str
   argv: list[str]
+  env: dict[str, str] | None = None  # the worker's environment (None: this process's)
 
 
 @dataclasses.dataclass
@@ -173,7 +175,7 @@ def serve(setup: Callable[[], Workload], steps: int, min_seconds: float = 0.0) -
   mercy of one timer tick or page fault."""
   work = setup()
   (work.warmup or work.run)()
-  _reply({"ready": True, "info": work.info})
+  _reply({"ready": True, "info": {**work.info, "host_allocator": host_allocator.active()}})
   for line in sys.stdin:
     if line.strip() != "run":
       break
@@ -190,7 +192,7 @@ def serve(setup: Callable[[], Workload], steps: int, min_seconds: float = 0.0) -
 class _Worker:
   def __init__(self, side: Side):
     self.side = side
-    self.proc = subprocess.Popen(side.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.proc = subprocess.Popen(side.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=side.env)
 
   def read(self) -> dict:
     for line in self.proc.stdout:

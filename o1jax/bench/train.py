@@ -19,6 +19,7 @@ import tempfile
 
 import numpy as np
 
+from o1jax import host_allocator
 from o1jax.bench import protocol
 
 CONFIGS = ("tiny_cpu", "smollm2_135m")
@@ -175,13 +176,14 @@ def main(argv: list[str]) -> None:
   peak = measured_matmul_peak()
   print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
   results = {}
+  env = host_allocator.cpu_environment(os.environ)  # both sides: the ratio compares the frameworks, not mallocs
   for name in configs:
     if name == "smollm2_135m" and not gguf:
       print("smollm2_135m skipped: pass --gguf=FILE or set O1JAX_SHARED")
       continue
     sides = tuple(protocol.Side(s, [sys.executable, "-m", "o1jax.bench", "train", f"--worker={s}",
                                     f"--worker_config={name}", f"--gguf={gguf}", f"--steps={args.steps}",
-                                    f"--round_seconds={args.round_seconds}"])
+                                    f"--round_seconds={args.round_seconds}"], env)
                   for s in SIDES)
     try:
       result = protocol.compare(sides, args.rounds, load_before=load_before)

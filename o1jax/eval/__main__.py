@@ -31,6 +31,11 @@ tells whether better thoughts would help this embedding.
 """
 from __future__ import annotations
 
+from o1jax import host_allocator
+
+if __name__ == "__main__":  # before jax, TensorFlow and PyTorch start their threads and allocate
+  host_allocator.reexec_on_cpu()
+
 import argparse
 import dataclasses
 import os
@@ -257,7 +262,8 @@ def _summary(args: argparse.Namespace, results: Results, specs: Sequence[dataset
     datasets[spec.name] = {"suite": spec.suite.name, "measures": list(spec.suite.measures),
                            "relevance_level": spec.suite.relevance_level, "source": spec.source,
                            "queries": len(evaluated)}
-  return {"settings": {k: v for k, v in vars(args).items() if k != "out"}, "datasets": datasets, "metrics": rows}
+  return {"settings": {k: v for k, v in vars(args).items() if k != "out"}, "datasets": datasets, "metrics": rows,
+          "host_allocator": host_allocator.active()}
 
 
 def write_results(out: str, results: Results, specs: Sequence[dataset_spec.DatasetSpec],
@@ -289,6 +295,7 @@ def main(argv: Sequence[str]) -> Results:
 
 def cli() -> None:
   """`python -m o1jax.eval` and the `o1jax-eval` command: one line and exit 1 on bad input."""
+  host_allocator.reexec_on_cpu()  # the o1jax-eval command (`python -m` re-executed at the top already)
   try:
     main(sys.argv[1:])
   except (ValueError, OSError, RequestError) as e:
