@@ -3,7 +3,7 @@
 XLA:CPU allocates each execution's temporaries afresh (a SmolLM2-135M training step: one 3.7 GB buffer), and glibc
 hands an allocation that large back to the OS when it is freed, so every step faults ~960k pages in again and the
 kernel zeroes each one: seconds of a ~9 s step, and more when another process ran in between. mimalloc with arenas
-that take objects of any size and never purge reuses the same pages step after step. An allocator has to be in
+that take objects of any size, and that keep freed memory for a while, reuses the same pages step after step. An allocator has to be in
 place before the process starts (LD_PRELOAD), so the CLIs that run models re-execute themselves under it
 (`reexec_on_cpu`) before they import anything heavy.
 
@@ -24,8 +24,11 @@ SWITCH = "O1JAX_HOST_ALLOCATOR"
 DISTRIBUTION = "cmeel-mimalloc"
 LIBRARY = "cmeel.prefix/lib/libmimalloc.so"
 # Arenas take objects of any size (by default objects over 2 GiB are mapped and unmapped on their own), and freed
-# memory is never returned to the OS: a run's resident memory stays at its peak, which the next step needs again.
-OPTIONS = {"MIMALLOC_ARENA_MAX_OBJECT_SIZE": "1TiB", "MIMALLOC_PURGE_DELAY": "-1"}
+# memory goes back to the OS after 30 s unused: a step reuses the last one's pages, and so does a bench round after
+# the other side's turn. Never returning it (-1) let the CoSQA recipe's training grow from 14 GB until the kernel
+# killed it at 24 GB: after some checkpoint saves the step's 3.7 GB block was placed anew while the old one stayed
+# resident (SmolLM2-135M, a save every 2 steps, 12 steps: peak RSS 16.5 GB; with 30 s 10.5 GB; glibc 9.6 GB).
+OPTIONS = {"MIMALLOC_ARENA_MAX_OBJECT_SIZE": "1TiB", "MIMALLOC_PURGE_DELAY": "30000"}
 # Distributions that give jax a GPU or TPU backend (their names' prefixes).
 ACCELERATOR_PLUGINS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu", "jax-tpu")
 
