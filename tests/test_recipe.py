@@ -233,6 +233,17 @@ def test_committed_results_are_the_reports_rendering_and_in_the_readme():
   assert (RESULTS / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_committed_cosqa_results_are_the_reports_rendering_and_in_the_readme():
+  cosqa = ROOT / "launch" / "results" / "cosqa"
+  results = report.collect(cosqa)
+  assert list(results.rows) == ROWS and list(results.stage_seconds) == list(report.STAGE_ORDER)
+  assert len(results.comparisons) == 4 and all(c["queries"] == 500 for c in results.comparisons)
+  assert results.quality["queries"] == 500
+  markdown = report.render_markdown(results)
+  assert (cosqa / "results.md").read_text() == markdown
+  assert markdown in (ROOT / "README.md").read_text()
+
+
 def test_report_names_bad_input(tmp_path):
   with pytest.raises(FileNotFoundError, match="no evaluation results"):
     report.collect(tmp_path)
