@@ -1,11 +1,11 @@
-"""The host memory allocator of runs on the CPU: mimalloc, set to keep the memory it got from the OS.
+"""The host memory allocator of runs on the CPU: mimalloc, set to keep freed memory for reuse.
 
 XLA:CPU allocates each execution's temporaries afresh (a SmolLM2-135M training step: one 3.7 GB buffer), and glibc
 hands an allocation that large back to the OS when it is freed, so every step faults ~960k pages in again and the
-kernel zeroes each one: seconds of a ~9 s step, and more when another process ran in between. mimalloc with arenas
-that take objects of any size, and that keep freed memory for a while, reuses the same pages step after step. An allocator has to be in
-place before the process starts (LD_PRELOAD), so the CLIs that run models re-execute themselves under it
-(`reexec_on_cpu`) before they import anything heavy.
+kernel zeroes each one: seconds of a ~9 s step, and more when another process ran in between. mimalloc, with arenas
+that take objects of any size and keep freed memory for a while, reuses the same pages step after step. An
+allocator has to be in place before the process starts (LD_PRELOAD), so the CLIs that run models re-execute
+themselves under it (`reexec_on_cpu`) before they import anything heavy.
 
 O1JAX_HOST_ALLOCATOR: unset, the CLIs choose (mimalloc on CPU runs, where the cmeel-mimalloc package is installed);
 `system` keeps glibc's malloc; `mimalloc` says it is already chosen (the re-executed process gets it, so it never
