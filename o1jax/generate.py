@@ -97,6 +97,14 @@ def penalize_repeats(logits: jnp.ndarray, seen: jnp.ndarray, penalty) -> jnp.nda
   return jnp.where(seen, penalized, logits)
 
 
+def greedy_token(logits: jnp.ndarray) -> jnp.ndarray:
+  """`jnp.argmax(logits, axis=-1)` (the first maximum; a NaN counts as the maximum) as two plain reductions:
+  XLA:CPU runs argmax's paired value-and-index reduction 4x slower (0.9 vs 0.2 ms a step over 8 x 49k logits)."""
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+  return jnp.min(jnp.where((logits == top) | jnp.isnan(logits), ids, logits.shape[-1]), axis=-1)
+
+
 def sample_token(logits: jnp.ndarray, key: jax.Array, temperature, top_p) -> jnp.ndarray:
   """Samples from softmax(logits / temperature) restricted to the top_p nucleus."""
   filtered = top_p_filter(logits.astype(jnp.float32) / temperature, top_p)
@@ -126,7 +134,7 @@ def generate_padded(params, prompt_ids, prompt_mask, rng, temperature, top_p, re
     if penalize:
       logits = penalize_repeats(logits, seen, repetition_penalty)
     if greedy:
-      token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      token = greedy_token(logits)
     else:
       token = sample_token(logits, jax.random.fold_in(rng, step), temperature, top_p)
     return token, (seen.at[rows, token].set(True) if penalize else None)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
 
-from o1jax.generate import (TOP_P_CANDIDATES, Generator, Sampling, bucket, generate_padded, penalize_repeats,
-                            top_p_filter)
+from o1jax.generate import (TOP_P_CANDIDATES, Generator, Sampling, bucket, generate_padded, greedy_token,
+                            penalize_repeats, top_p_filter)
 from o1jax.model import Decoder, ModelConfig, decoding_layout, init_params
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -120,6 +120,19 @@ def test_one_compile_per_bucket():
   gen.generate([[1, 2, 3]] * 3, max_new_tokens=4)  # batch bucket 4: one more
   assert generate_padded._cache_size() == before + 2
   assert bucket(3) == 4 and bucket(9, 16) == 16 and bucket(17, 16) == 32
+
+
+def test_greedy_token_is_numpys_argmax():
+  logits = np.random.default_rng(0).normal(size=(7, 1000)).astype(np.float32)
+  logits[1, [10, 500]] = 9.0  # a tie: the first maximum wins
+  logits[2, [700, 30]] = np.nan  # NaN counts as the maximum, the first one wins
+  logits[3] = -np.inf
+  logits[4, [999, 998]] = np.inf
+  logits[5, 999] = 50.0  # the maximum at the last index
+  logits[6] = 0.0
+  expected = np.argmax(logits, axis=-1)
+  assert expected.tolist()[1:] == [10, 30, 0, 998, 999, 0]
+  np.testing.assert_array_equal(np.asarray(jax.jit(greedy_token)(logits)), expected)
 
 
 def test_sampling_is_seeded_and_top_p_matches_transformers():

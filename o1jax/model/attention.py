@@ -93,7 +93,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementa
   chosen = resolve(implementation, q, k, key_valid)
   if chosen == "einsum":
     groups = heads // kv_heads
-    # Both contractions in [B, kv_heads, ..., head_dim] form, the KV cache's layout (its transposes cancel).
+    # Both contractions batch over [B, kv_heads]: with a KV cache the transposes around them cancel against the
+    # cache's layouts (decoder.Attention), and XLA reads the cached keys and values in place.
     grouped = q.reshape(b, t, kv_heads, groups, hd).transpose(0, 2, 3, 1, 4)
     k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
     scores = jnp.einsum("bkgtd,bksd->bkgts", grouped, k, preferred_element_type=jnp.float32) * hd**-0.5
