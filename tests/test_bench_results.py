@@ -154,3 +154,23 @@ def test_bad_options_are_one_line_before_anything_loads(argv, message):
   proc = subprocess.run([sys.executable, "-m", "o1jax.bench", *argv], cwd=ROOT, capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_matmul_floor_reads_every_projection_and_the_head():
+  import re
+  import jax
+  import jax.numpy as jnp
+  from o1jax.bench.generate import PROJECTIONS, decode_matmuls, matmul_floor
+  from o1jax.model import ModelConfig, decoding_layout, init_params
+  cfg = ModelConfig(family="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+  _, params = decoding_layout(cfg, init_params(cfg, jax.random.key(0)))
+  floor = matmul_floor(params, batch=8, repeats=2)
+  hidden, heads, kv, mlp = 32, 4 * 8, 2 * 8, 64
+  layer = hidden * heads + 2 * hidden * kv + heads * hidden + 3 * hidden * mlp
+  assert round(floor["weight_gb"] * 1e9) == 4 * (3 * layer + hidden * 97)
+  assert floor["ms"] > 0 and floor["gb_per_s"] == pytest.approx(floor["weight_gb"] / floor["ms"] * 1e3)
+  # XLA keeps every matmul: the key and value projections feed nothing but a sum times zero.
+  layers = [[params[f"layers_{i}"][block][proj]["kernel"] for block, proj in PROJECTIONS] for i in range(3)]
+  compiled = jax.jit(decode_matmuls).lower(jnp.ones((8, hidden)), layers, params["lm_head"]["kernel"]).compile()
+  assert len(re.findall(r"\} dot\(", compiled.as_text())) == 7 * 3 + 1

@@ -3,7 +3,9 @@
 Both generate exactly `--new_tokens` tokens greedily for the same chat prompts from the same GGUF weights
 (de-quantized to float32), so the two do identical work. Each side runs in its own process, warmed up, and the
 two are timed in turns over `--rounds` rounds (`o1jax.bench.protocol`); the ratio is the number to read, and the
-verdict says whether the machine was quiet enough for it. `--json=PATH` writes every figure.
+verdict says whether the machine was quiet enough for it. On a CPU the o1jax worker also times its decoding
+step's matmuls alone (`matmul_floor`): the least a token can cost with these kernels, so how much of a token's time
+the rest of the step takes. `--json=PATH` writes every figure.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import argparse
 import os
 import pathlib
 import sys
+import time
 
 from o1jax import host_allocator
 from o1jax.bench import protocol
@@ -36,6 +39,42 @@ def _prompts(tokenizer, batch: int) -> list[list[int]]:
           for i in range(batch)]
 
 
+PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+               ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+
+def decode_matmuls(x, layers, head):
+  """A decoding step's matmuls alone, in its order: `layers` holds each layer's PROJECTIONS kernels."""
+  import jax
+  import jax.numpy as jnp
+  for q, k, v, o, gate, up, down in layers:
+    keys_values = jnp.sum(x @ k) + jnp.sum(x @ v)
+    x = x + (x @ q) @ o + 0.0 * keys_values  # XLA does not fold x * 0.0 (NaN), so the key and value reads stay
+    x = x + (jax.nn.silu(x @ gate) * (x @ up)) @ down
+  return x @ head
+
+
+def matmul_floor(params, batch: int, repeats: int = 10) -> dict:
+  """The least time a decoding step can take with this jax's matmul kernels: `decode_matmuls` on [batch, hidden]
+  rows of `params` (the decoding layout: `layers_0`, ... and an `lm_head` kernel), with no attention, norm, cache
+  or sampling. Returns its milliseconds (the best of `repeats`), the weight bytes it reads and the rate."""
+  import jax
+  import jax.numpy as jnp
+  layers = [[params[f"layers_{i}"][block][proj]["kernel"] for block, proj in PROJECTIONS]
+            for i in range(sum(name.startswith("layers_") for name in params))]
+  head = params["lm_head"]["kernel"]
+  step = jax.jit(decode_matmuls)
+  x = jnp.ones((batch, head.shape[0]), head.dtype)
+  jax.block_until_ready(step(x, layers, head))
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(step(x, layers, head))
+    seconds.append(time.perf_counter() - start)
+  weight_bytes = sum(w.size * w.dtype.itemsize for w in jax.tree.leaves((layers, head)))
+  return {"ms": 1e3 * min(seconds), "weight_gb": weight_bytes / 1e9, "gb_per_s": weight_bytes / min(seconds) / 1e9}
+
+
 def o1jax_side(args) -> protocol.Workload:
   import jax
   from o1jax.convert.gguf import load_gguf
@@ -46,8 +85,10 @@ def o1jax_side(args) -> protocol.Workload:
   cfg, params = load_gguf(gguf_path)
   # An id that never occurs: every row runs the full budget in both implementations.
   generator = Generator(cfg, params, eos_ids=(-1,))
-  return protocol.Workload(run=lambda: generator.generate(prompts, max_new_tokens=args.new_tokens),
-                           info={"devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"})
+  info = {"devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
+  if jax.default_backend() == "cpu":  # the layout matmul_floor reads is the CPU one
+    info["matmul_floor"] = matmul_floor(generator.decoding[1], args.batch)
+  return protocol.Workload(run=lambda: generator.generate(prompts, max_new_tokens=args.new_tokens), info=info)
 
 
 def transformers_side(args) -> protocol.Workload:
@@ -109,6 +150,11 @@ def main(argv: list[str]) -> None:
     print(f"  {name:13s} {s['median']:8.2f} s  {tokens / s['median']:9.1f} tokens/s  (rounds {s['min']:.2f}-"
           f"{s['max']:.2f} s)")
   print("  " + protocol.describe(result, "speed-up o1jax over transformers"))
+  floor = result["info"]["o1jax"].get("matmul_floor")
+  if floor:
+    print(f"  o1jax {1e3 * result['sides']['o1jax']['median'] / args.new_tokens:.1f} ms per new token (prefill "
+          f"included); its step's matmuls alone: {floor['ms']:.1f} ms ({floor['gb_per_s']:.1f} GB/s of "
+          f"{floor['weight_gb']:.2f} GB of weights)")
   if args.json:
     protocol.write_json(args.json, "generate", {
         "settings": {"model": "SmolLM2-135M-Instruct (GGUF, de-quantized to fp32)", "gguf": os.path.basename(args.gguf),

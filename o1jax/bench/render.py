@@ -28,9 +28,17 @@ def ratio_text(comparison: dict) -> str:
 
 def _generate_rows(g: dict) -> list[tuple[str, str, str]]:
   s, tps = g["settings"], g["tokens_per_s"]
-  return [("generate", f"SmolLM2-135M fp32, batch {s['batch']}, {s['new_tokens']} new tokens: o1jax vs transformers "
-           f"`generate`, {s['rounds']} rounds x {s['steps']}",
-           f"{tps['o1jax']:.1f} vs {tps['transformers']:.1f} tokens/s, {ratio_text(g['comparison'])}")]
+  out = [("generate", f"SmolLM2-135M fp32, batch {s['batch']}, {s['new_tokens']} new tokens: o1jax vs transformers "
+          f"`generate`, {s['rounds']} rounds x {s['steps']}",
+          f"{tps['o1jax']:.1f} vs {tps['transformers']:.1f} tokens/s, {ratio_text(g['comparison'])}")]
+  floor = g["comparison"]["info"]["o1jax"].get("matmul_floor")
+  if floor:
+    per_token = 1e3 * g["comparison"]["sides"]["o1jax"]["median"] / s["new_tokens"]
+    out.append(("generate", "o1jax per new token (prefill included) vs its decoding step's matmuls alone (the same "
+                "weights, no attention, norms or cache: `bench.generate.matmul_floor`)",
+                f"{per_token:.1f} vs {floor['ms']:.1f} ms ({floor['gb_per_s']:.1f} GB/s of {floor['weight_gb']:.2f} GB "
+                "of weights)"))
+  return out
 
 
 def _train_rows(t: dict) -> list[tuple[str, str, str]]:
