@@ -36,7 +36,7 @@ from test_eval_cli import write_beir  # pylint: disable=wrong-import-order
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BUCKET = "o1jax-test"
-STEPS, EVERY = 24, 2
+STEPS, EVERY = 12, 2
 LOSSES = ("loss", "loss_ctr", "loss_gen", "acc_top1", "grad_norm")
 
 
