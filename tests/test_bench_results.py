@@ -160,7 +160,7 @@ def test_matmul_floor_reads_every_projection_and_the_head():
   import re
   import jax
   import jax.numpy as jnp
-  from o1jax.bench.generate import PROJECTIONS, decode_matmuls, matmul_floor
+  from o1jax.bench.generate import decode_kernels, decode_matmuls, matmul_floor
   from o1jax.model import ModelConfig, decoding_layout, init_params
   cfg = ModelConfig(family="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
@@ -171,6 +171,7 @@ def test_matmul_floor_reads_every_projection_and_the_head():
   assert round(floor["weight_gb"] * 1e9) == 4 * (3 * layer + hidden * 97)
   assert floor["ms"] > 0 and floor["gb_per_s"] == pytest.approx(floor["weight_gb"] / floor["ms"] * 1e3)
   # XLA keeps every matmul: the key and value projections feed nothing but a sum times zero.
-  layers = [[params[f"layers_{i}"][block][proj]["kernel"] for block, proj in PROJECTIONS] for i in range(3)]
-  compiled = jax.jit(decode_matmuls).lower(jnp.ones((8, hidden)), layers, params["lm_head"]["kernel"]).compile()
+  layers, head = decode_kernels(params)
+  assert len(layers) == 3 and all(len(kernels) == 7 for kernels in layers)
+  compiled = jax.jit(decode_matmuls).lower(jnp.ones((8, hidden)), layers, head).compile()
   assert len(re.findall(r"\} dot\(", compiled.as_text())) == 7 * 3 + 1

@@ -54,15 +54,20 @@ def decode_matmuls(x, layers, head):
   return x @ head
 
 
-def matmul_floor(params, batch: int, repeats: int = 10) -> dict:
-  """The least time a decoding step can take with this jax's matmul kernels: `decode_matmuls` on [batch, hidden]
-  rows of `params` (the decoding layout: `layers_0`, ... and an `lm_head` kernel), with no attention, norm, cache
-  or sampling. Returns its milliseconds (the best of `repeats`), the weight bytes it reads and the rate."""
-  import jax
-  import jax.numpy as jnp
+def decode_kernels(params) -> tuple[list[list], object]:
+  """`decode_matmuls`' layers and head from the decoding layout's parameters (`layers_0`, ... and `lm_head`)."""
   layers = [[params[f"layers_{i}"][block][proj]["kernel"] for block, proj in PROJECTIONS]
             for i in range(sum(name.startswith("layers_") for name in params))]
-  head = params["lm_head"]["kernel"]
+  return layers, params["lm_head"]["kernel"]
+
+
+def matmul_floor(params, batch: int, repeats: int = 10) -> dict:
+  """The least time a decoding step can take with this jax's matmul kernels: `decode_matmuls` on [batch, hidden]
+  rows of `params` (the decoding layout), with no attention, norm, cache or sampling. Returns its milliseconds
+  (the best of `repeats`), the weight bytes it reads and the rate."""
+  import jax
+  import jax.numpy as jnp
+  layers, head = decode_kernels(params)
   step = jax.jit(decode_matmuls)
   x = jnp.ones((batch, head.shape[0]), head.dtype)
   jax.block_until_ready(step(x, layers, head))
