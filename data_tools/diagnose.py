@@ -3,11 +3,14 @@ every source of thoughts comes to the relevant documents.
 
   python -m data_tools.diagnose --dataset=BEIR_DIR --split=test [--max_queries=N] --out=DIR \
       --expert=local --model=SmolLM2-135M-Instruct.Q4_1.gguf --k=2 --max_new_tokens=40 \
-      [--members=bm25,st] [--score=NAME=THOUGHTS_JSONL ...] [--oracle_words=32]
+      [--num_examples=3 --example_split=train] [--members=bm25,st] [--score=NAME=THOUGHTS_JSONL ...] \
+      [--oracle_words=32]
 
 The queries are the split's first `--max_queries` judged ones, as `python -m o1jax.eval --max_queries` takes them.
 The expert writes `--k` candidates per query with the same exploration options as `data_tools.synthesize`, and the
-committee votes as it does in synthesis. Writes, as thoughts files `python -m o1jax.eval --thoughts_from=NAME=FILE`
+committee votes as it does in synthesis. In-context examples, if any, are (query, positive) pairs of
+`--example_split` (the split the model trained on), never of the evaluated split: those would put its labels in the
+prompts. Writes, as thoughts files `python -m o1jax.eval --thoughts_from=NAME=FILE`
 reads (text only; the embedding model tokenizes them):
   expert.thoughts.jsonl         the expert's first candidate: what it writes for a query it has no answer for
   expert-chosen.thoughts.jsonl  the committee's choice: it compared the candidates with a relevant document, so this
@@ -65,15 +68,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                  help="repeatable: a thoughts file to measure too (e.g. the trained model's, from o1jax.eval --out)")
   p.add_argument("--oracle_words", type=int, default=32, help="words of the relevant document in the oracle thought")
   p.add_argument("--queries_per_batch", type=int, default=32)
+  p.add_argument("--example_split", default="",
+                 help="the split whose (query, positive) pairs are the in-context examples (needed with --num_examples)")
   options.add_expert_options(p, model_required=True)
   options.add_committee_options(p)
   p.set_defaults(num_examples=0)
   args = p.parse_args(argv)
   options.check_ranges(p, args, [
       ("max_queries", args.max_queries >= 0, ">= 0 (0 = all)"), ("oracle_words", args.oracle_words >= 1, ">= 1"),
-      ("queries_per_batch", args.queries_per_batch >= 1, ">= 1"),
-      # In-context examples would be other test queries' relevant documents: labels in the prompt.
-      ("num_examples", args.num_examples == 0, "0 here (examples would show other test queries' labels)")])
+      ("queries_per_batch", args.queries_per_batch >= 1, ">= 1")])
+  if args.num_examples and not args.example_split:
+    p.error(f"--num_examples={args.num_examples} needs --example_split (the split to draw examples from)")
+  # Examples from the evaluated split would be other evaluated queries' relevant documents: labels in the prompt.
+  if args.example_split == args.split:
+    p.error(f"--example_split={args.example_split}: the evaluated split; examples would show its labels")
   options.check_expert_options(p, args)
   options.check_committee_options(p, args)
   if "st" not in args.members.split(","):
@@ -143,11 +151,16 @@ def load_queries(args: argparse.Namespace) -> list[Query]:
   return out
 
 
-def expert_candidates(args: argparse.Namespace, queries: Sequence[Query]) -> dict[str, list[str]]:
+def example_pool(args: argparse.Namespace) -> list[inputs.TrainQuery]:
+  """The (query, positive) pairs in-context examples are drawn from: `--example_split`'s, none without examples."""
+  return inputs.from_beir(readers.load_beir(args.dataset, args.example_split)) if args.num_examples else []
+
+
+def expert_candidates(args: argparse.Namespace, queries: Sequence[Query], prompts: explore.PromptBuilder
+                      ) -> dict[str, list[str]]:
   """The expert's non-empty candidates per query, in batches of `--queries_per_batch` with a progress line."""
   train_like = [inputs.TrainQuery(q.query_id, q.query, q.relevant[:1]) for q in queries]
-  exploration = explore.Exploration(options.make_expert(args), options.make_prompt_builder(args, train_like),
-                                    args.k, skip_bad=False)
+  exploration = explore.Exploration(options.make_expert(args), prompts, args.k, skip_bad=False)
   found: dict[str, list[str]] = {}
   for start in range(0, len(train_like), args.queries_per_batch):
     found.update(exploration.candidates(train_like[start:start + args.queries_per_batch], {}))
@@ -178,12 +191,13 @@ def format_table(sources: dict[str, Quality]) -> str:
 def main(argv: Sequence[str]) -> dict[str, Any]:
   args = parse_args(argv)
   queries = load_queries(args)
+  prompts = options.make_prompt_builder(args, example_pool(args))
   scored = {name: read_thoughts(path) for name, path in args.score.items()}
   for name, thoughts in scored.items():
     thoughts_file.check_covers(f"--score={name}={args.score[name]}", [q.query_id for q in queries], thoughts)
   committee = options.make_committee(args)
   dense = next(m for m in committee.members if isinstance(m, DenseMember))
-  candidates = expert_candidates(args, queries)
+  candidates = expert_candidates(args, queries, prompts)
   missing = [q.query_id for q in queries if q.query_id not in candidates]
   if missing:
     raise ValueError(f"the expert answered every candidate of {len(missing)} queries with empty text "

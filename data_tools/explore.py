@@ -58,12 +58,14 @@ class PromptBuilder:
 
   def __init__(self, pool: Sequence[TrainQuery], seed: int, num_examples: int = 3, example_max_words: int = 64):
     self.pool = [(q.query_id, q.query, q.positives[0]) for q in pool if q.positives]
-    if len(self.pool) <= num_examples:
+    if num_examples and len(self.pool) <= num_examples:
       raise ValueError(f"need more than {num_examples} training pairs to draw in-context examples from, "
                        f"got {len(self.pool)}")
     self.seed, self.num_examples, self.example_max_words = seed, num_examples, example_max_words
 
   def _examples(self, query_id: str, candidate: int) -> list[tuple[str, str]]:
+    if not self.num_examples:
+      return []
     rng = np.random.default_rng(stable_hash(self.seed, "examples", query_id, candidate))
     drawn = rng.choice(len(self.pool), size=self.num_examples + 1, replace=False)
     others = [self.pool[i] for i in drawn if self.pool[i][0] != query_id][:self.num_examples]

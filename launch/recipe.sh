@@ -4,7 +4,8 @@
 #
 #   launch/recipe.sh [--preset=scifact|cosqa|scifact-gpu] [--shared=../shared] [--out=runs/PRESET] [--dataset=DIR]
 #                    [--train_split=NAME] [--test_split=NAME] [--doc_tokens=N] [--limit=N] [--shards=8] [--steps=N]
-#                    [--max_queries=N] [--dry-run] [-- TRAINER_OVERRIDES...]
+#                    [--max_queries=N] [--examples=N] [--candidates=K] [--thought_tokens=N] [--dry-run]
+#                    [-- TRAINER_OVERRIDES...]
 #
 # Presets (the options above override them):
 #   scifact  SHARED/data/beir-scifact: qrels/train.tsv (809 queries) trains, qrels/test.tsv (300) evaluates;
@@ -40,7 +41,11 @@
 #   report       launch.report: OUT/results.md (the table and the p-values) and OUT/results.png.
 # A finished stage leaves OUT/stages/NAME.seconds (its wall time) and is skipped when the script is run again;
 # an interrupted one resumes: synthesis keeps whole shards, training restores its last checkpoint, and document
-# embeddings are cached. --limit (train queries), --shards (each shard's last generation batch is padded to 64
+# embeddings are cached. The expert's levers override the preset's: --examples (in-context (query, positive) pairs
+# of other train queries per prompt, in synthesis and in the diagnosis alike), --candidates (k, for the committee to
+# choose from), --thought_tokens (the longest thought written, cloned and generated); the trainer's take arguments
+# after `--` (e.g. --config.train.thought_drop=0.5; the contrastive arm keeps its own). Give a lever run its own
+# --out. --limit (train queries), --shards (each shard's last generation batch is padded to 64
 # prompts), --steps and --max_queries (test queries) make a quick run; --dataset replaces the preset's directory
 # (BEIR layout with qrels/TRAIN_SPLIT.tsv and qrels/TEST_SPLIT.tsv); arguments after `--` go to both trainings
 # (e.g. --config.train.batch_queries=8). Run it from the repository root.
@@ -48,7 +53,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 preset=scifact shared=../shared out="" dataset="" train_split="" test_split="" doc_tokens=""
-limit="" shards=8 steps="" max_queries=0
+limit="" shards=8 steps="" max_queries=0 examples_option="" candidates_option="" thought_tokens_option=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --preset=*) preset="${1#*=}" ;;
@@ -62,6 +67,9 @@ while [[ $# -gt 0 ]]; do
     --shards=*) shards="${1#*=}" ;;
     --steps=*) steps="${1#*=}" ;;
     --max_queries=*) max_queries="${1#*=}" ;;
+    --examples=*) examples_option="${1#*=}" ;;
+    --candidates=*) candidates_option="${1#*=}" ;;
+    --thought_tokens=*) thought_tokens_option="${1#*=}" ;;
     --dry-run) export O1_DRY_RUN=1 ;;
     --) shift; break ;;
     *) echo "recipe.sh: unknown option '$1'" >&2; exit 2 ;;
@@ -98,6 +106,15 @@ else
   # These run on the CPU; without this, jax would first probe for a TPU (libtpu is a test requirement).
   export JAX_PLATFORMS=cpu
 fi
+examples="${examples_option:-$examples}" candidates="${candidates_option:-$candidates}"
+thought_tokens="${thought_tokens_option:-$thought_tokens}"
+[[ "$examples" =~ ^[0-9]+$ ]] || { echo "recipe.sh: --examples=$examples: not a whole number" >&2; exit 2; }
+for lever in candidates thought_tokens; do
+  [[ "${!lever}" =~ ^[1-9][0-9]*$ ]] || { echo "recipe.sh: --$lever=${!lever}: not a positive integer" >&2; exit 2; }
+done
+# The diagnosis draws the expert's examples from the train split, as synthesis did: test pairs would be labels.
+example_split=()
+(( examples == 0 )) || example_split=(--example_split="$train_split")
 mkdir -p "$out/stages"
 
 # Runs stage $1 (the command "${@:2}") unless it finished before; records its wall time.
@@ -149,7 +166,8 @@ stage contrastive python -m o1jax.eval --checkpoint="$out/train_contrastive" --t
 # committee chose by comparing with a relevant document) and an oracle thought (a relevant document's first words),
 # each embedded by (a) in place of its own, with how close every source's thoughts come to the relevant documents.
 stage diagnose python -m data_tools.diagnose --dataset="$dataset" --split="$test_split" --max_queries="$max_queries" \
-  --out="$out/diagnosis" --expert=local --model="$gguf" --members=bm25,st --k="$candidates" --num_examples=0 \
+  --out="$out/diagnosis" --expert=local --model="$gguf" --members=bm25,st --k="$candidates" \
+  --num_examples="$examples" "${example_split[@]}" \
   --max_new_tokens="$thought_tokens" --batch_size=64 --score=trained="$out/eval/trained/o1jax_think_3.thoughts.jsonl"
 stage diagnosis python -m o1jax.eval --checkpoint="$out/train" --think=off --max_new_tokens="$thought_tokens" --baselines= \
   --thoughts_from=expert="$out/diagnosis/expert.thoughts.jsonl" \

@@ -47,8 +47,11 @@ def test_quality_counts_words_by_hand_and_takes_minilms_cosine():
 
 @pytest.fixture
 def dataset(tmp_path):
-  return write_beir(tmp_path / "d", {"d1": ("", "text one"), "d2": ("", "text two")},
-                    {"q1": "query one", "q2": "query two"}, {"q1": {"d1": 1}, "q2": {"d2": 1}})
+  directory = write_beir(tmp_path / "d", {"d1": ("", "text one"), "d2": ("", "text two")},
+                         {"q1": "query one", "q2": "query two", "t1": "train query"},
+                         {"q1": {"d1": 1}, "q2": {"d2": 1}})
+  (directory / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nt1\td1\t1\n")
+  return directory
 
 
 def run(*argv):
@@ -57,7 +60,12 @@ def run(*argv):
 
 
 @pytest.mark.parametrize("extra,status,message", [
-    (["--num_examples=2"], 2, "--num_examples must be 0 here (examples would show other test queries' labels)"),
+    (["--num_examples=2"], 2, "--num_examples=2 needs --example_split (the split to draw examples from)"),
+    (["--num_examples=2", "--example_split=test"], 2,
+     "--example_split=test: the evaluated split; examples would show its labels"),
+    (["--num_examples=2", "--example_split=dev"], 1, "qrels: neither dev.tsv nor dev.tsv.gz exists"),
+    (["--num_examples=2", "--example_split=train"], 1,
+     "--num_examples=2: need more than 2 training pairs to draw in-context examples from, got 1"),
     (["--members=bm25"], 2, "--members=bm25: the MiniLM cosine needs the st member"),
     (["--score=oracle={file}"], 2, "--score=oracle={file}: the name 'oracle' is taken (query, expert, "),
     (["--score=t={missing}"], 2, "no such file"),

@@ -53,6 +53,9 @@ def test_prompts_follow_method_and_are_reproducible():
   # Zero-shot (the CPU recipe): the task line, then the query, with nothing between.
   (zero_shot,) = explore.PromptBuilder(POOL, seed=7, num_examples=0).requests(POOL[3], k=1)[0].messages
   assert zero_shot["content"] == f"{explore.TASK_LINE}\n\nQuery: question number 3?\nResponse:"
+  # Zero-shot needs no pool to draw from (the diagnosis of test queries has none), and writes the same prompts.
+  (no_pool,) = explore.PromptBuilder([], seed=7, num_examples=0).requests(POOL[3], k=1)[0].messages
+  assert no_pool == zero_shot
 
 
 def test_http_expert_keys_answers_by_query_id():

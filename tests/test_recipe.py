@@ -146,7 +146,10 @@ def test_missing_shared_data_is_named(tmp_path):
 
 @pytest.mark.parametrize("option, message", [("--preset=msmarco", "--preset=msmarco: unknown preset"),
                                              ("--doc_tokens=0", "--doc_tokens=0: not a positive integer"),
-                                             ("--train_split=nope", "qrels/nope.tsv not found")])
+                                             ("--train_split=nope", "qrels/nope.tsv not found"),
+                                             ("--examples=-1", "--examples=-1: not a whole number"),
+                                             ("--candidates=0", "--candidates=0: not a positive integer"),
+                                             ("--thought_tokens=x", "--thought_tokens=x: not a positive integer")])
 def test_bad_options_are_named(shared_dir, tmp_path, option, message):
   proc = subprocess.run(["bash", "launch/recipe.sh", f"--shared={shared_dir}", f"--out={tmp_path}", option],
                         cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60)
@@ -198,7 +201,8 @@ def test_scifact_gpu_preset_keeps_methods_lengths(shared_dir, tmp_path):
   for evaluation in (commands[2], commands[4], commands[6], commands[8]):
     assert {"--split=test", "--doc_tokens=512"} <= set(evaluation)
   assert "--max_new_tokens=128" in commands[4] and "--max_new_tokens=128" in commands[8]
-  assert {"--k=3", "--num_examples=0", "--max_new_tokens=128"} <= set(commands[7])  # no test labels in prompts
+  # The diagnosis asks the same expert, its examples drawn from the train split (test pairs would be labels).
+  assert {"--k=3", "--num_examples=3", "--example_split=train", "--max_new_tokens=128"} <= set(commands[7])
   (out / "thoughts").mkdir(parents=True)
   (out / "thoughts" / shard_name("train", 0, 1)).write_bytes(b"")
   configs = [o1config.load([a for a in c[3:] if a.startswith("--config")]) for c in (commands[3], commands[5])]
@@ -210,6 +214,25 @@ def test_scifact_gpu_preset_keeps_methods_lengths(shared_dir, tmp_path):
   (thinking, contrastive) = (c.train.to_dict() for c in configs)
   assert {k: (thinking[k], contrastive[k]) for k in thinking if thinking[k] != contrastive[k]} == {
       "w_gen": (0.2, 0.0), "thought_drop": (0.1, 1.0)}
+
+
+def test_the_experts_levers_reach_synthesis_and_the_diagnosis(shared_dir, tmp_path):
+  """--examples, --candidates and --thought_tokens replace the preset's: the expert that writes the training thoughts
+  is the one the diagnosis asks, and the trained model thinks as long as the thoughts it cloned; a zero-shot run
+  names no example split."""
+  def commands(*levers):
+    proc = subprocess.run(["bash", "launch/recipe.sh", f"--shared={shared_dir}", f"--out={tmp_path / 'run'}",
+                           *levers, "--dry-run"], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [set(shlex.split(line[2:])) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+  lever = commands("--examples=3", "--candidates=4", "--thought_tokens=64")
+  assert {"--k=4", "--num_examples=3", "--max_new_tokens=64", "--split=train"} <= lever[0]
+  assert {"--k=4", "--num_examples=3", "--example_split=train", "--max_new_tokens=64", "--split=test"} <= lever[7]
+  assert {"--think=3", "--max_new_tokens=64"} <= lever[4]
+  preset = commands()
+  assert {"--k=2", "--num_examples=0", "--max_new_tokens=40"} <= preset[0] and "--num_examples=0" in preset[7]
+  assert not any(a.startswith("--example_split") for a in preset[7])
 
 
 def test_config_validates_with_the_shared_model(smollm2_gguf, tmp_path):
