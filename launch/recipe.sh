@@ -4,8 +4,8 @@
 #
 #   launch/recipe.sh [--preset=scifact|cosqa|scifact-gpu] [--shared=../shared] [--out=runs/PRESET] [--dataset=DIR]
 #                    [--train_split=NAME] [--test_split=NAME] [--doc_tokens=N] [--limit=N] [--shards=8] [--steps=N]
-#                    [--max_queries=N] [--examples=N] [--candidates=K] [--thought_tokens=N] [--dry-run]
-#                    [-- TRAINER_OVERRIDES...]
+#                    [--max_queries=N] [--examples=N] [--candidates=K] [--thought_tokens=N] [--thought_drop=R]
+#                    [--reuse=RUN] [--dry-run] [-- TRAINER_OVERRIDES...]
 #
 # Presets (the options above override them):
 #   scifact  SHARED/data/beir-scifact: qrels/train.tsv (809 queries) trains, qrels/test.tsv (300) evaluates;
@@ -43,9 +43,12 @@
 # an interrupted one resumes: synthesis keeps whole shards, training restores its last checkpoint, and document
 # embeddings are cached. The expert's levers override the preset's: --examples (in-context (query, positive) pairs
 # of other train queries per prompt, in synthesis and in the diagnosis alike), --candidates (k, for the committee to
-# choose from), --thought_tokens (the longest thought written, cloned and generated); the trainer's take arguments
-# after `--` (e.g. --config.train.thought_drop=0.5; the contrastive arm keeps its own). Give a lever run its own
-# --out. --limit (train queries), --shards (each shard's last generation batch is padded to 64
+# choose from), --thought_tokens (the longest thought written, cloned and generated); --thought_drop sets how often
+# (a) trains a query without its thought (the config's 0.1 by default; (b) always drops it). Give a lever run its
+# own --out. OUT/stages/settings records what the results depend on, and a run refuses an OUT made with other
+# settings. --reuse=RUN links the stages a lever of (a) alone (--thought_drop) leaves unchanged from RUN, made with
+# the same settings otherwise: thoughts, convert, untrained, train_contrastive and contrastive; the report names
+# them. --limit (train queries), --shards (each shard's last generation batch is padded to 64
 # prompts), --steps and --max_queries (test queries) make a quick run; --dataset replaces the preset's directory
 # (BEIR layout with qrels/TRAIN_SPLIT.tsv and qrels/TEST_SPLIT.tsv); arguments after `--` go to both trainings
 # (e.g. --config.train.batch_queries=8). Run it from the repository root.
@@ -54,6 +57,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 preset=scifact shared=../shared out="" dataset="" train_split="" test_split="" doc_tokens=""
 limit="" shards=8 steps="" max_queries=0 examples_option="" candidates_option="" thought_tokens_option=""
+thought_drop="" reuse=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --preset=*) preset="${1#*=}" ;;
@@ -70,6 +74,8 @@ while [[ $# -gt 0 ]]; do
     --examples=*) examples_option="${1#*=}" ;;
     --candidates=*) candidates_option="${1#*=}" ;;
     --thought_tokens=*) thought_tokens_option="${1#*=}" ;;
+    --thought_drop=*) thought_drop="${1#*=}" ;;
+    --reuse=*) reuse="${1#*=}" ;;
     --dry-run) export O1_DRY_RUN=1 ;;
     --) shift; break ;;
     *) echo "recipe.sh: unknown option '$1'" >&2; exit 2 ;;
@@ -112,17 +118,77 @@ thought_tokens="${thought_tokens_option:-$thought_tokens}"
 for lever in candidates thought_tokens; do
   [[ "${!lever}" =~ ^[1-9][0-9]*$ ]] || { echo "recipe.sh: --$lever=${!lever}: not a positive integer" >&2; exit 2; }
 done
+[[ -z "$thought_drop" || "$thought_drop" =~ ^(0(\.[0-9]+)?|1(\.0*)?)$ ]] || {
+  echo "recipe.sh: --thought_drop=$thought_drop: not a number from 0 to 1" >&2; exit 2; }
 # The diagnosis draws the expert's examples from the train split, as synthesis did: test pairs would be labels.
 example_split=()
 (( examples == 0 )) || example_split=(--example_split="$train_split")
-mkdir -p "$out/stages"
 
-# Runs stage $1 (the command "${@:2}") unless it finished before; records its wall time.
+# What the stages' results depend on besides the code, one per line; thought_drop (last) changes only (a).
+settings="preset=$preset
+dataset=$(realpath -m "$dataset")
+train_split=$train_split
+test_split=$test_split
+doc_tokens=$doc_tokens
+limit=$limit
+shards=$shards
+steps=$steps
+max_queries=$max_queries
+examples=$examples
+candidates=$candidates
+thought_tokens=$thought_tokens
+trainer_overrides=$*
+thought_drop=${thought_drop:-config}"
+# The first setting of file $1 that differs from this run's, as "its 'A', this run's 'B'"; nothing when they agree
+# (on every line but thought_drop with $2 = reuse).
+differing_setting() {
+  local mine theirs
+  mine="$settings"
+  theirs="$(cat "$1")"
+  if [[ "${2:-}" == reuse ]]; then mine="${mine%$'\n'thought_drop=*}" theirs="${theirs%$'\n'thought_drop=*}"; fi
+  [[ "$mine" == "$theirs" ]] && return
+  { diff <(echo "$theirs") <(echo "$mine") || true; } | awk '/^</ {a = substr($0, 3)} /^>/ {b = substr($0, 3)}
+                                                 END {printf "its \047%s\047, this run\047s \047%s\047", a, b}'
+}
+if [[ -f "$out/stages/settings" ]]; then
+  differs="$(differing_setting "$out/stages/settings")"
+  [[ -z "$differs" ]] || { echo "recipe.sh: --out=$out was made with other settings ($differs): give another --out" >&2
+                           exit 2; }
+fi
+if [[ -n "$reuse" ]]; then
+  [[ -f "$reuse/stages/settings" ]] || { echo "recipe.sh: --reuse=$reuse: no stages/settings (not a recipe run)" >&2
+                                         exit 2; }
+  differs="$(differing_setting "$reuse/stages/settings" reuse)"
+  [[ -z "$differs" ]] || { echo "recipe.sh: --reuse=$reuse was made with other settings ($differs)" >&2; exit 2; }
+fi
+mkdir -p "$out/stages"
+[[ "${O1_DRY_RUN:-0}" == 1 || -f "$out/stages/settings" ]] || echo "$settings" > "$out/stages/settings"
+# What each reusable stage leaves in the run directory.
+declare -A stage_outputs=([thoughts]="thoughts" [convert]="untrained_hf" [untrained]="eval/untrained"
+                          [train_contrastive]="train_contrastive train_contrastive_metrics.jsonl tensorboard_contrastive"
+                          [contrastive]="eval/contrastive-only")
+
+# Runs stage $1 (the command "${@:2}") unless it finished before or --reuse links it; records its wall time.
 stage() {
-  local name="$1" start
+  local name="$1" start path
   shift
   if [[ -f "$out/stages/$name.seconds" ]]; then
     echo "== $name: done in an earlier run ($(cat "$out/stages/$name.seconds") s), skipped" >&2
+    return
+  fi
+  # Its outputs are links into the run it came from: running it here would write there.
+  if [[ -f "$out/stages/$name.reused" ]]; then
+    echo "== $name: reused from $(cat "$out/stages/$name.reused") in an earlier run, skipped" >&2
+    return
+  fi
+  if [[ -n "$reuse" && -n "${stage_outputs[$name]:-}" && -f "$reuse/stages/$name.seconds" ]]; then
+    echo "== $name: reused from $reuse" >&2
+    for path in ${stage_outputs[$name]}; do
+      [[ -e "$reuse/$path" ]] || continue
+      o1_run mkdir -p "$(dirname "$out/$path")"
+      o1_run ln -sfn "$(realpath "$reuse/$path")" "$out/$path"
+    done
+    [[ "${O1_DRY_RUN:-0}" == 1 ]] || echo "$reuse" > "$out/stages/$name.reused"
     return
   fi
   echo "== $name" >&2
@@ -150,7 +216,8 @@ stage untrained python -m o1jax.eval --checkpoint="$out/untrained_hf" --think=of
   --out="$out/eval/untrained" "${eval_args[@]}"
 
 stage train python -m o1jax.train "${train_args[@]}" --config.checkpoint.dir="$out/train" \
-  --config.log.jsonl="$out/train_metrics.jsonl" --config.log.tensorboard_dir="$out/tensorboard" "$@"
+  --config.log.jsonl="$out/train_metrics.jsonl" --config.log.tensorboard_dir="$out/tensorboard" "$@" \
+  ${thought_drop:+--config.train.thought_drop="$thought_drop"}
 stage trained python -m o1jax.eval --checkpoint="$out/train" --think=3 --max_new_tokens="$thought_tokens" --baselines= \
   --out="$out/eval/trained" "${eval_args[@]}"
 

@@ -10,6 +10,7 @@ Reads what `launch/recipe.sh` (and `launch/scifact.sh`) leaves in the run direct
   train_metrics.jsonl          the trainer's logged steps (`--config.log.jsonl`)
   train_contrastive_metrics.jsonl  the same for the model trained without thoughts (optional)
   stages/<stage>.seconds       the wall time of each stage
+  stages/<stage>.reused        the run a stage's results were linked from (`recipe.sh --reuse`) instead
 and writes results.md (the table, the paired comparisons with their commands, the thought-quality table, a few
 queries' thoughts verbatim and the wall times, as pasted into the README) and results.png (training curves and nDCG@10 bars), printing the table. Run it from the repository
 root.
@@ -57,6 +58,7 @@ class RunResults:
   comparisons: list[dict]  # `python -m o1jax.eval.compare --json` results, if any
   quality: dict | None = None  # diagnosis/quality.json, if any
   examples: list[dict[str, str]] = dataclasses.field(default_factory=list)  # {"query", source: its first thought}
+  reused: dict[str, str] = dataclasses.field(default_factory=dict)  # stage -> the run it was linked from
 
 
 def _label(folder: str, system: str) -> str | None:
@@ -90,12 +92,15 @@ def collect(run: str | pathlib.Path) -> RunResults:
         ours.setdefault(label, values)
   seconds = {p.stem: int(p.read_text()) for p in (run / "stages").glob("*.seconds")}
   seconds = {name: seconds[name] for name in sorted(seconds, key=lambda name: _rank(name, STAGE_ORDER))}
+  reused = {p.stem: p.read_text().strip() for p in sorted((run / "stages").glob("*.reused"),
+                                                          key=lambda p: _rank(p.stem, STAGE_ORDER))}
   comparisons = [_comparison(path) for path in sorted(run.glob("eval/*/compare-*.json"),
                                                       key=lambda p: (_rank(p.parent.name, FOLDER_ORDER), p.name))]
   quality_path = run / "diagnosis" / "quality.json"
   quality = _json_file(quality_path, "python -m data_tools.diagnose") if quality_path.exists() else None
   return RunResults({**ours, **baselines}, _logged_steps(run / "train_metrics.jsonl"), seconds, list(ours),
-                    _logged_steps(run / "train_contrastive_metrics.jsonl"), comparisons, quality, _examples(run))
+                    _logged_steps(run / "train_contrastive_metrics.jsonl"), comparisons, quality, _examples(run),
+                    reused)
 
 
 def _json_file(path: pathlib.Path, writer: str) -> dict:
@@ -180,6 +185,9 @@ def render_markdown(results: RunResults) -> str:
     total = sum(results.stage_seconds.values())
     times = ", ".join(f"{name} {s / 60:.1f}" for name, s in results.stage_seconds.items())
     lines += ["", f"Wall time: {total / 60:.1f} min ({times})."]
+  for origin in dict.fromkeys(results.reused.values()):
+    names = ", ".join(name for name, run in results.reused.items() if run == origin)
+    lines += ["", f"Reused from `{origin}` (its results, not run again here): {names}."]
   if results.steps:
     last = results.steps[-1]
     lines += ["", f"Training: {int(last['step'])} steps; last step loss_ctr {last['loss_ctr']:.4f}, "

@@ -1,14 +1,14 @@
 """The thinking ablation recipe (`launch/recipe.sh`; `launch/scifact.sh` is its SciFact preset, README "Results"):
 the script runs every stage for real on a SciFact subset with SmolLM2-135M, both trained arms, the diagnosis (the
 expert's and an oracle's thoughts embedded by the trained model, thought quality) and every paired comparison
-included, and reports one table; a second run skips finished stages; the CoSQA preset's commands are
+included, and reports one table; a second run skips finished stages; a run reusing another's stages links them and
+retrains to the same table, and refuses other settings; the CoSQA preset's commands are
 checked dry; the committed results are what the report renders, and the README shows them; the report names bad
 input.
 """
 import json
 import pathlib
 import shlex
-import shutil
 import subprocess
 
 import pytest
@@ -29,10 +29,10 @@ ROWS = ["trained, think=3", "trained, no thinking", "trained, thoughts=expert", 
         "trained, thoughts=oracle", "contrastive-only, no thinking", "untrained, no thinking", "BM25", "MiniLM-L6-v2"]
 
 
-def recipe(shared_dir, out, dataset, *extra) -> subprocess.CompletedProcess:
+def recipe(shared_dir, out, dataset, *options) -> subprocess.CompletedProcess:
   return subprocess.run(
       ["bash", "launch/scifact.sh", f"--shared={shared_dir}", f"--out={out}", f"--dataset={dataset}", "--limit=8",
-       "--shards=1", "--steps=2", "--max_queries=4", "--", "--config.train.batch_queries=4", *extra],
+       "--shards=1", "--steps=2", "--max_queries=4", *options, "--", "--config.train.batch_queries=4"],
       cwd=ROOT, env=clean_env(O1JAX_CACHE=str(out / "cache")), capture_output=True, text=True, timeout=1200)
 
 
@@ -119,21 +119,62 @@ def test_the_diagnosis_embeds_the_experts_and_an_oracles_thoughts_for_the_evalua
   assert results.examples[0]["expert"] == written["expert"][0]["thoughts"][0]
 
 
-def test_a_second_run_skips_finished_stages_and_retraining_reproduces_the_table(quick_run, shared_dir):
+def test_a_second_run_skips_finished_stages(quick_run, shared_dir):
   out, dataset, _ = quick_run
-  before = report.collect(out)
-  for stage in ("train", "trained"):
-    (out / "stages" / f"{stage}.seconds").unlink()
-  shutil.rmtree(out / "train")
-  shutil.rmtree(out / "eval" / "trained")
-  (out / "train_metrics.jsonl").unlink()
-  proc = recipe(shared_dir, out, dataset)
+  proc = recipe(shared_dir, out, dataset, "--dry-run")
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stderr.count("done in an earlier run") == len(report.STAGE_ORDER)
+  assert not [line for line in proc.stdout.splitlines() if line.startswith("+ python -m o1jax.train")]
+
+
+REUSABLE = {"thoughts": ["thoughts"], "convert": ["untrained_hf"], "untrained": ["eval/untrained"],
+            "train_contrastive": ["train_contrastive", "train_contrastive_metrics.jsonl", "tensorboard_contrastive"],
+            "contrastive": ["eval/contrastive-only"]}
+
+
+def test_a_run_reusing_an_earlier_ones_stages_retrains_to_the_same_table(quick_run, shared_dir, tmp_path):
+  """--reuse links what a lever of (a) alone leaves unchanged and runs the rest: with no lever at all, training
+  again from the same shards, config and seed reproduces every row and loss to the last digit."""
+  out, dataset, _ = quick_run
+  lever = tmp_path / "lever"
+  proc = recipe(shared_dir, lever, dataset, f"--reuse={out}")
   assert proc.returncode == 0, proc.stderr[-4000:]
-  # thoughts, convert, untrained, train_contrastive, contrastive, diagnose, diagnosis
-  assert proc.stderr.count("done in an earlier run") == 7
-  after = report.collect(out)
-  assert after.rows == before.rows  # same config and seed: the same metrics, to the last digit
+  assert proc.stderr.count(f"reused from {out}") == len(REUSABLE)
+  for stage, paths in REUSABLE.items():
+    assert (lever / "stages" / f"{stage}.reused").read_text().strip() == str(out)
+    assert not (lever / "stages" / f"{stage}.seconds").exists()
+    for path in paths:
+      assert (lever / path).resolve() == (out / path).resolve() != lever / path
+  before, after = report.collect(out), report.collect(lever)
+  assert after.rows == before.rows
   assert [s["loss"] for s in after.steps] == [s["loss"] for s in before.steps]
+  assert after.reused == {stage: str(out) for stage in REUSABLE}
+  assert sorted(after.stage_seconds) == sorted(set(report.STAGE_ORDER) - set(REUSABLE))
+  assert (f"Reused from `{out}` (its results, not run again here): thoughts, convert, untrained, train_contrastive, "
+          "contrastive.") in (lever / "results.md").read_text()
+  # Run again without --reuse, the linked stages stay linked: running one would write into the other run.
+  again = recipe(shared_dir, lever, dataset, "--dry-run")
+  assert again.returncode == 0 and again.stderr.count(f"reused from {out} in an earlier run") == len(REUSABLE)
+
+
+def test_a_lever_of_a_alone_trains_only_a_and_other_settings_are_refused(quick_run, shared_dir, tmp_path):
+  out, dataset, _ = quick_run
+  proc = recipe(shared_dir, tmp_path / "drop", dataset, f"--reuse={out}", "--thought_drop=0.5", "--dry-run")
+  assert proc.returncode == 0, proc.stderr
+  commands = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+  trainings = [c for c in commands if c[:3] == ["python", "-m", "o1jax.train"]]
+  assert len(trainings) == 1 and trainings[0][-1] == "--config.train.thought_drop=0.5"
+  assert sum(c[:2] == ["ln", "-sfn"] for c in commands) == sum(map(len, REUSABLE.values()))
+  # Anything else that changes a reused stage's results is a different run: named, and nothing runs.
+  for options, where in (([f"--reuse={out}", "--examples=3"], f"--reuse={out}"), (["--candidates=3"], f"--out={out}")):
+    target = tmp_path / "other" if options[0].startswith("--reuse") else out
+    refused = recipe(shared_dir, target, dataset, *options, "--dry-run")
+    assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr
+    lever = options[-1].lstrip("-").split("=")[0]
+    preset = {"examples": 0, "candidates": 2}[lever]
+    assert (f"recipe.sh: {where} was made with other settings (its '{lever}={preset}', this run's '{options[-1][2:]}')"
+            in refused.stderr), refused.stderr
+    assert not refused.stdout
 
 
 def test_missing_shared_data_is_named(tmp_path):
@@ -149,7 +190,8 @@ def test_missing_shared_data_is_named(tmp_path):
                                              ("--train_split=nope", "qrels/nope.tsv not found"),
                                              ("--examples=-1", "--examples=-1: not a whole number"),
                                              ("--candidates=0", "--candidates=0: not a positive integer"),
-                                             ("--thought_tokens=x", "--thought_tokens=x: not a positive integer")])
+                                             ("--thought_tokens=x", "--thought_tokens=x: not a positive integer"),
+                                             ("--thought_drop=1.5", "--thought_drop=1.5: not a number from 0 to 1")])
 def test_bad_options_are_named(shared_dir, tmp_path, option, message):
   proc = subprocess.run(["bash", "launch/recipe.sh", f"--shared={shared_dir}", f"--out={tmp_path}", option],
                         cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60)
