@@ -1,4 +1,6 @@
 """`python -m launch.report --run=DIR [--out=DIR]`: a recipe run's results as one table and one figure.
+`python -m launch.report --lever=NAME=DIR --lever=NAME=DIR ...`: several runs of the recipe (a lever each) side by
+side in one table, nDCG@10, on the same test queries.
 
 Reads what `launch/recipe.sh` (and `launch/scifact.sh`) leaves in the run directory:
   eval/<name>/summary.json     `python -m o1jax.eval --out` of each evaluated checkpoint (o1jax rows are labelled
@@ -228,6 +230,36 @@ def _quality_lines(quality: dict) -> list[str]:
   return lines
 
 
+def _difference(results: RunResults, names: list[str]) -> str:
+  """'+0.0123 (p 0.0456)' of the comparison between `names`, by its randomization test; '-' if there is none."""
+  for c in results.comparisons:
+    if c["names"] == names:
+      return f"{c['mean_difference']:+.4f} (p {c['randomization_pvalue']:.4f})"
+  return "-"
+
+
+def render_levers(runs: dict[str, RunResults]) -> str:
+  """One row per run: (a) with and without thinking, (b), the paired differences that decide whether thinking
+  helps, (a) given the expert's thoughts, and how close the expert's and (a)'s thoughts come to a relevant document."""
+  def ndcg(results: RunResults, row: str) -> str:
+    value = results.rows.get(row, {}).get("ndcg@10")
+    return "-" if value is None else f"{value:.4f}"
+
+  def cosine(results: RunResults, source: str) -> str:
+    quality = (results.quality or {}).get("sources", {}).get(source)
+    return "-" if quality is None else f"{quality['minilm_cosine']:.3f}"
+
+  lines = ["| run | (a) think=3 | (a) no thinking | (b) contrastive-only | think - no thinking | think - (b) | "
+           "(a) + expert's thoughts | MiniLM cosine: expert's thoughts | (a)'s thoughts |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for name, r in runs.items():
+    lines.append(f"| {name} | {ndcg(r, 'trained, think=3')} | {ndcg(r, 'trained, no thinking')} | "
+                 f"{ndcg(r, 'contrastive-only, no thinking')} | {_difference(r, ['think=3', 'no-think'])} | "
+                 f"{_difference(r, ['think=3', 'contrastive-only'])} | {ndcg(r, 'trained, thoughts=expert')} | "
+                 f"{cosine(r, 'expert')} | {cosine(r, 'trained')} |")
+  return "\n".join(lines) + "\n"
+
+
 def render_figure(results: RunResults, path: str | pathlib.Path) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel (only the report needs it)
   matplotlib.use("Agg")
@@ -266,11 +298,20 @@ def render_figure(results: RunResults, path: str | pathlib.Path) -> None:
   plt.close(fig)
 
 
-def main(argv: Sequence[str]) -> RunResults:
+def main(argv: Sequence[str]) -> RunResults | None:
   p = argparse.ArgumentParser(prog="python -m launch.report", description=__doc__.splitlines()[0])
-  p.add_argument("--run", required=True, help="the run directory of launch/recipe.sh")
-  p.add_argument("--out", help="where results.md and results.png go (default: the run directory)")
+  runs = p.add_mutually_exclusive_group(required=True)
+  runs.add_argument("--run", help="the run directory of launch/recipe.sh")
+  runs.add_argument("--lever", action="append", metavar="NAME=DIR", help="repeatable: a run to set beside the others")
+  p.add_argument("--out", help="with --run: where results.md and results.png go (default: the run directory)")
   args = p.parse_args(argv)
+  if args.lever:
+    named = [entry.partition("=")[::2] for entry in args.lever]
+    for entry, (name, directory) in zip(args.lever, named):
+      if not name or not directory:
+        p.error(f"--lever={entry}: expected NAME=DIR")
+    print(render_levers({name: collect(directory) for name, directory in named}), end="")
+    return None
   results = collect(args.run)
   out = pathlib.Path(args.out or args.run)
   out.mkdir(parents=True, exist_ok=True)

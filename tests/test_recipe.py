@@ -325,3 +325,23 @@ def test_report_names_bad_input(tmp_path):
   (tmp_path / "eval" / "a" / "compare-b.json").write_text(json.dumps({"names": ["a", "b"]}))
   with pytest.raises(ValueError, match=r"eval/a/compare-b.json: not a JSON file of .* \(no measure, queries"):
     report.collect(tmp_path)
+
+
+def test_lever_table_sets_runs_side_by_side_from_their_own_files(capsys):
+  """`python -m launch.report --lever=NAME=DIR ...`: each row's figures are that run's table rows, its paired
+  comparisons (mean difference and randomization p) and its diagnosis, as their own files hold them."""
+  cosqa = ROOT / "launch" / "results" / "cosqa"
+  assert report.main([f"--lever=scifact={RESULTS}", f"--lever=cosqa={cosqa}"]) is None
+  table = capsys.readouterr().out.splitlines()
+  assert len(table) == 4 and table[2].startswith("| scifact | ") and table[3].startswith("| cosqa | ")
+  for line, run in zip(table[2:], (RESULTS, cosqa)):
+    summary = json.loads((run / "eval" / "trained" / "summary.json").read_text())["metrics"]
+    versus = json.loads((run / "eval" / "trained" / "compare-contrastive-only.json").read_text())
+    quality = json.loads((run / "diagnosis" / "quality.json").read_text())["sources"]
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert cells[1:3] == [f"{summary['o1jax think=3']['ndcg@10']:.4f}", f"{summary['o1jax no-think']['ndcg@10']:.4f}"]
+    assert cells[5] == f"{versus['mean_difference']:+.4f} (p {versus['randomization_pvalue']:.4f})"
+    assert cells[7:] == [f"{quality['expert']['minilm_cosine']:.3f}", f"{quality['trained']['minilm_cosine']:.3f}"]
+  with pytest.raises(SystemExit):
+    report.main(["--lever=no-directory"])
+  assert "--lever=no-directory: expected NAME=DIR" in capsys.readouterr().err
