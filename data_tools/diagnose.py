@@ -139,8 +139,13 @@ def quality(queries: Sequence[Query], thoughts: Sequence[Sequence[str]], dense: 
   return Quality(float(np.mean([len(t) for t in thoughts])), *means)
 
 
-def load_queries(args: argparse.Namespace) -> list[Query]:
-  data = retriever_eval.first_queries(readers.load_beir(args.dataset, args.split), args.max_queries)
+def load_splits(args: argparse.Namespace) -> dict[str, readers.BeirDataset]:
+  """The evaluated split and, with in-context examples, `--example_split`: the corpus and queries read once."""
+  return readers.load_beir_splits(args.dataset, [args.split, *([args.example_split] if args.num_examples else [])])
+
+
+def load_queries(args: argparse.Namespace, splits: dict[str, readers.BeirDataset]) -> list[Query]:
+  data = retriever_eval.first_queries(splits[args.split], args.max_queries)
   out = []
   for q in data.queries:
     relevant = tuple(sorted(d for d, grade in data.qrels[q].items() if grade > 0))
@@ -151,9 +156,9 @@ def load_queries(args: argparse.Namespace) -> list[Query]:
   return out
 
 
-def example_pool(args: argparse.Namespace) -> list[inputs.TrainQuery]:
+def example_pool(args: argparse.Namespace, splits: dict[str, readers.BeirDataset]) -> list[inputs.TrainQuery]:
   """The (query, positive) pairs in-context examples are drawn from: `--example_split`'s, none without examples."""
-  return inputs.from_beir(readers.load_beir(args.dataset, args.example_split)) if args.num_examples else []
+  return inputs.from_beir(splits[args.example_split]) if args.num_examples else []
 
 
 def expert_candidates(args: argparse.Namespace, queries: Sequence[Query], prompts: explore.PromptBuilder
@@ -190,8 +195,9 @@ def format_table(sources: dict[str, Quality]) -> str:
 
 def main(argv: Sequence[str]) -> dict[str, Any]:
   args = parse_args(argv)
-  queries = load_queries(args)
-  prompts = options.make_prompt_builder(args, example_pool(args))
+  splits = load_splits(args)
+  queries = load_queries(args, splits)
+  prompts = options.make_prompt_builder(args, example_pool(args, splits))
   scored = {name: read_thoughts(path) for name, path in args.score.items()}
   for name, thoughts in scored.items():
     thoughts_file.check_covers(f"--score={name}={args.score[name]}", [q.query_id for q in queries], thoughts)

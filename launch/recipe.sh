@@ -93,7 +93,6 @@ dataset="${dataset:-$shared/data/$preset_dataset}"
 train_split="${train_split:-$preset_train}"
 test_split="${test_split:-test}"
 doc_tokens="${doc_tokens:-$preset_doc_tokens}"
-[[ "$doc_tokens" =~ ^[1-9][0-9]*$ ]] || { echo "recipe.sh: --doc_tokens=$doc_tokens: not a positive integer" >&2; exit 2; }
 gguf="$shared/data/smollm2-135m-instruct-gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
 for path in "$dataset/qrels/$train_split.tsv" "$dataset/qrels/$test_split.tsv" "$gguf"; do
   [[ -f "$path" || -f "$path.gz" ]] || {
@@ -115,8 +114,8 @@ fi
 examples="${examples_option:-$examples}" candidates="${candidates_option:-$candidates}"
 thought_tokens="${thought_tokens_option:-$thought_tokens}"
 [[ "$examples" =~ ^[0-9]+$ ]] || { echo "recipe.sh: --examples=$examples: not a whole number" >&2; exit 2; }
-for lever in candidates thought_tokens; do
-  [[ "${!lever}" =~ ^[1-9][0-9]*$ ]] || { echo "recipe.sh: --$lever=${!lever}: not a positive integer" >&2; exit 2; }
+for option in doc_tokens candidates thought_tokens; do
+  [[ "${!option}" =~ ^[1-9][0-9]*$ ]] || { echo "recipe.sh: --$option=${!option}: not a positive integer" >&2; exit 2; }
 done
 [[ -z "$thought_drop" || "$thought_drop" =~ ^(0(\.[0-9]+)?|1(\.0*)?)$ ]] || {
   echo "recipe.sh: --thought_drop=$thought_drop: not a number from 0 to 1" >&2; exit 2; }
@@ -147,7 +146,7 @@ differing_setting() {
   theirs="$(cat "$1")"
   if [[ "${2:-}" == reuse ]]; then mine="${mine%$'\n'thought_drop=*}" theirs="${theirs%$'\n'thought_drop=*}"; fi
   [[ "$mine" == "$theirs" ]] && return
-  { diff <(echo "$theirs") <(echo "$mine") || true; } | awk '/^</ {a = substr($0, 3)} /^>/ {b = substr($0, 3)}
+  { diff <(echo "$theirs") <(echo "$mine") || true; } | awk '/^</ && !a {a = substr($0, 3)} /^>/ && !b {b = substr($0, 3)}
                                                  END {printf "its \047%s\047, this run\047s \047%s\047", a, b}'
 }
 if [[ -f "$out/stages/settings" ]]; then

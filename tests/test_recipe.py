@@ -175,6 +175,10 @@ def test_a_lever_of_a_alone_trains_only_a_and_other_settings_are_refused(quick_r
     assert (f"recipe.sh: {where} was made with other settings (its '{lever}={preset}', this run's '{options[-1][2:]}')"
             in refused.stderr), refused.stderr
     assert not refused.stdout
+  # Of several, the first that differs is named.
+  refused = recipe(shared_dir, tmp_path / "other", dataset, f"--reuse={out}", "--examples=3", "--candidates=3",
+                   "--dry-run")
+  assert refused.returncode == 2 and "(its 'examples=0', this run's 'examples=3')" in refused.stderr, refused.stderr
 
 
 def test_missing_shared_data_is_named(tmp_path):
