@@ -19,6 +19,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorstore as ts
 
 from o1jax import checkpoint, files, train
 from o1jax.training import divergence, logger
@@ -79,13 +80,23 @@ def ckpt_copy(trained, tmp_path) -> pathlib.Path:
 
 
 def flip_bytes(step_dir: pathlib.Path, count: int = 64) -> None:
-  """Flips `count` bytes in the middle of the largest file of the step's `state/`, as a bad disk would."""
+  """Flips `count` bytes in the middle of the largest file of the step's `state/`, as a bad disk would. The arrays
+  are zstd-compressed, so the flip either breaks a chunk (orbax cannot read it) or decodes to other values (only
+  the checksums see it), depending on where the chunks happen to lie in that file."""
   path = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
   data = bytearray(path.read_bytes())
   middle = len(data) // 2
   for i in range(middle, middle + count):
     data[i] ^= 0xFF
   path.write_bytes(bytes(data))
+
+
+def rewrite_one_value(step_dir: pathlib.Path, array: str = "params.norm.weight") -> None:
+  """Changes one value of `array` through tensorstore: storage that decodes fine but returns other numbers, which
+  only the checksums can tell."""
+  stored = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{step_dir / 'state'}"},
+                    "path": array}).result()
+  stored[0].write(stored[0].read().result() + 1).result()
 
 
 # ---------------------------------------------------------------- divergence
@@ -129,7 +140,9 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
 # ---------------------------------------------------------------- corrupt, partial or mismatched checkpoints
 
 @pytest.mark.parametrize("damage, problem", [
-    (flip_bytes, r"1 array\(s\) differ from what was saved \(checksum mismatch in \S+\)"),
+    (flip_bytes, r"(orbax cannot restore it \(.+\)|\d+ array\(s\) differ from what was saved \(checksum mismatch in "
+                 r"\S+\))"),
+    (rewrite_one_value, r"1 array\(s\) differ from what was saved \(checksum mismatch in params\.norm\.weight\)"),
     (lambda d: (d / "state" / "_METADATA").unlink(), r"its metadata cannot be read"),
 ])
 def test_a_corrupt_or_partial_latest_step_is_named_with_the_way_back(ckpt_copy, damage, problem):
