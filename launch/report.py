@@ -1,6 +1,8 @@
 """`python -m launch.report --run=DIR [--out=DIR]`: a recipe run's results as one table and one figure.
 `python -m launch.report --lever=NAME=DIR --lever=NAME=DIR ...`: several runs of the recipe (a lever each) side by
 side in one table, nDCG@10, on the same test queries.
+`python -m launch.report --comparisons=JSON ...`: paired comparisons made outside a run (e.g. a run's checkpoint
+evaluated with other sampling) as the run's report shows its own.
 
 Reads what `launch/recipe.sh` (and `launch/scifact.sh`) leaves in the run directory:
   eval/<name>/summary.json     `python -m o1jax.eval --out` of each evaluated checkpoint (o1jax rows are labelled
@@ -164,17 +166,7 @@ def render_markdown(results: RunResults) -> str:
     lines.append(f"| {system} | " + " | ".join(f"{values[m]:.4f}" if m in values else "-" for m, _ in MEASURES)
                  + " |")
   if results.comparisons:
-    lines += ["", "Paired comparisons (`python -m o1jax.eval.compare`: randomization test over sign flips, paired "
-                  "t-test):", "",
-              "| A vs B | measure | queries | wins / ties / losses | mean A - B | CI | randomization p | t-test p |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for c in results.comparisons:
-      interval = "-" if c["ci_low"] is None else f"{c['ci_low']:+.4f} to {c['ci_high']:+.4f} ({c['confidence']:.0%})"
-      t_p = "-" if c["t_pvalue"] is None else f"{c['t_pvalue']:.4f}"
-      lines.append(f"| {c['names'][0]} vs {c['names'][1]} | {c['measure']} | {c['queries']} | "
-                   f"{c['wins']} / {c['ties']} / {c['losses']} | {c['mean_difference']:+.4f} | {interval} | "
-                   f"{c['randomization_pvalue']:.4f} | {t_p} |")
-    lines += ["", "```bash", *(c["command"] for c in results.comparisons), "```"]
+    lines += ["", *comparison_lines(results.comparisons)]
   if results.quality:
     lines += _quality_lines(results.quality)
   if results.examples:
@@ -199,6 +191,20 @@ def render_markdown(results: RunResults) -> str:
     lines += ["", f"Training without thoughts: {int(last['step'])} steps; last step loss_ctr {last['loss_ctr']:.4f}, "
                   f"in-batch top-1 accuracy {last['acc_top1']:.3f}."]
   return "\n".join(lines) + "\n"
+
+
+def comparison_lines(comparisons: Sequence[dict]) -> list[str]:
+  """The paired comparisons as a table, then the commands that made them."""
+  lines = ["Paired comparisons (`python -m o1jax.eval.compare`: randomization test over sign flips, paired t-test):", "",
+           "| A vs B | measure | queries | wins / ties / losses | mean A - B | CI | randomization p | t-test p |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+  for c in comparisons:
+    interval = "-" if c["ci_low"] is None else f"{c['ci_low']:+.4f} to {c['ci_high']:+.4f} ({c['confidence']:.0%})"
+    t_p = "-" if c["t_pvalue"] is None else f"{c['t_pvalue']:.4f}"
+    lines.append(f"| {c['names'][0]} vs {c['names'][1]} | {c['measure']} | {c['queries']} | "
+                 f"{c['wins']} / {c['ties']} / {c['losses']} | {c['mean_difference']:+.4f} | {interval} | "
+                 f"{c['randomization_pvalue']:.4f} | {t_p} |")
+  return lines + ["", "```bash", *(c["command"] for c in comparisons), "```"]
 
 
 def _quote(text: str) -> str:
@@ -303,8 +309,13 @@ def main(argv: Sequence[str]) -> RunResults | None:
   runs = p.add_mutually_exclusive_group(required=True)
   runs.add_argument("--run", help="the run directory of launch/recipe.sh")
   runs.add_argument("--lever", action="append", metavar="NAME=DIR", help="repeatable: a run to set beside the others")
+  runs.add_argument("--comparisons", nargs="+", metavar="JSON",
+                    help="files of `python -m o1jax.eval.compare --json`, made outside a run, as one table")
   p.add_argument("--out", help="with --run: where results.md and results.png go (default: the run directory)")
   args = p.parse_args(argv)
+  if args.comparisons:
+    print("\n".join(comparison_lines([_comparison(pathlib.Path(path)) for path in args.comparisons])))
+    return None
   if args.lever:
     named = [entry.partition("=")[::2] for entry in args.lever]
     for entry, (name, directory) in zip(args.lever, named):

@@ -8,6 +8,7 @@ input.
 """
 import json
 import pathlib
+import re
 import shlex
 import subprocess
 
@@ -370,3 +371,27 @@ def test_committed_lever_runs_are_the_reports_rendering_and_their_table_is_in_th
                                 "3 in-context examples": report.collect(examples),
                                 "3 in-context examples, thought drop 0.5": report.collect(drop)})
   assert table in (ROOT / "README.md").read_text()
+
+
+SAMPLING = LEVERS / "sampling"
+# Each evaluation of the drop-0.5 model with other thoughts: its row in summary.json, what it was compared with.
+SAMPLED = {"temperature-0.7": ("think=3", ("temperature-0.1", "no-think", "contrastive-only")),
+           "temperature-0.7-think-8": ("think=8", ("temperature-0.1", "no-think", "contrastive-only")),
+           "temperature-0.7-think-8-and-query": ("thoughts=think-8-and-query", ("no-think", "contrastive-only"))}
+
+
+def test_committed_sampling_comparisons_render_as_the_readme_shows(capsys, tmp_path):
+  """`python -m launch.report --comparisons`: the README's table of the drop-0.5 model's thoughts sampled otherwise is
+  what the report prints from the committed comparisons, and the nDCG@10 it quotes are the committed summaries'."""
+  files = [SAMPLING / run / f"compare-{against}.json" for run, (_, compared) in SAMPLED.items() for against in compared]
+  assert report.main(["--comparisons", *map(str, files)]) is None
+  table = capsys.readouterr().out
+  assert len(re.findall(r"^\| think=\d \(temperature 0.7\)[^|]* vs ", table, re.M)) == len(files) == 8
+  readme = (ROOT / "README.md").read_text()
+  assert table in readme
+  for run, (row, _) in SAMPLED.items():
+    summary = json.loads((SAMPLING / run / "summary.json").read_text())
+    assert f"{summary['metrics'][f'o1jax {row}']['ndcg@10']:.4f}" in readme
+  (tmp_path / "compare.json").write_text(json.dumps({"names": ["a", "b"]}))
+  with pytest.raises(ValueError, match=r"compare.json: not a JSON file of `python -m o1jax.eval.compare --json`"):
+    report.main(["--comparisons", str(tmp_path / "compare.json")])
