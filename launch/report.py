@@ -246,7 +246,8 @@ def _difference(results: RunResults, names: list[str]) -> str:
 
 def render_levers(runs: dict[str, RunResults]) -> str:
   """One row per run: (a) with and without thinking, (b), the paired differences that decide whether thinking
-  helps, (a) given the expert's thoughts, and how close the expert's and (a)'s thoughts come to a relevant document."""
+  helps, (a) given the expert's thoughts (its first candidate, and the committee's label-informed choice), and how
+  close those and (a)'s own thoughts come to a relevant document."""
   def ndcg(results: RunResults, row: str) -> str:
     value = results.rows.get(row, {}).get("ndcg@10")
     return "-" if value is None else f"{value:.4f}"
@@ -256,13 +257,15 @@ def render_levers(runs: dict[str, RunResults]) -> str:
     return "-" if quality is None else f"{quality['minilm_cosine']:.3f}"
 
   lines = ["| run | (a) think=3 | (a) no thinking | (b) contrastive-only | think - no thinking | think - (b) | "
-           "(a) + expert's thoughts | MiniLM cosine: expert's thoughts | (a)'s thoughts |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "(a) + expert's thoughts | (a) + committee's choice | MiniLM cosine: expert's thoughts | "
+           "committee's choice | (a)'s thoughts |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for name, r in runs.items():
     lines.append(f"| {name} | {ndcg(r, 'trained, think=3')} | {ndcg(r, 'trained, no thinking')} | "
                  f"{ndcg(r, 'contrastive-only, no thinking')} | {_difference(r, ['think=3', 'no-think'])} | "
                  f"{_difference(r, ['think=3', 'contrastive-only'])} | {ndcg(r, 'trained, thoughts=expert')} | "
-                 f"{cosine(r, 'expert')} | {cosine(r, 'trained')} |")
+                 f"{ndcg(r, 'trained, thoughts=expert-chosen')} | {cosine(r, 'expert')} | "
+                 f"{cosine(r, 'expert-chosen')} | {cosine(r, 'trained')} |")
   return "\n".join(lines) + "\n"
 
 

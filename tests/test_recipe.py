@@ -346,7 +346,7 @@ def test_lever_table_sets_runs_side_by_side_from_their_own_files(capsys):
     cells = [cell.strip() for cell in line.strip("|").split("|")]
     assert cells[1:3] == [f"{summary['o1jax think=3']['ndcg@10']:.4f}", f"{summary['o1jax no-think']['ndcg@10']:.4f}"]
     assert cells[5] == f"{versus['mean_difference']:+.4f} (p {versus['randomization_pvalue']:.4f})"
-    assert cells[7:] == [f"{quality['expert']['minilm_cosine']:.3f}", f"{quality['trained']['minilm_cosine']:.3f}"]
+    assert cells[8:] == [f"{quality[source]['minilm_cosine']:.3f}" for source in ("expert", "expert-chosen", "trained")]
   with pytest.raises(SystemExit):
     report.main(["--lever=no-directory"])
   assert "--lever=no-directory: expected NAME=DIR" in capsys.readouterr().err
@@ -357,19 +357,22 @@ LEVERS = RESULTS / "levers"
 
 def test_committed_lever_runs_are_the_reports_rendering_and_their_table_is_in_the_readme():
   """The lever runs under launch/results/scifact/levers (README "Levers") render as committed, the second reuses
-  the first's (b) and its untrained row, and the README's lever table is what the report prints for them."""
-  examples, drop = LEVERS / "examples-3", LEVERS / "examples-3-drop-0.5"
-  for run in (examples, drop):
+  the first's (b) and its untrained row, every (b) is the same model (it never sees a thought), and the README's
+  lever table is what the report prints for them."""
+  examples, drop, candidates = LEVERS / "examples-3", LEVERS / "examples-3-drop-0.5", LEVERS / "candidates-4"
+  for run in (examples, drop, candidates):
     results = report.collect(run)
     assert list(results.rows) == ROWS and len(results.comparisons) == 4
     assert (run / "results.md").read_text() == report.render_markdown(results)
   assert report.collect(drop).reused == {stage: "runs/scifact-examples3" for stage in REUSABLE}
   assert (report.collect(drop).rows["contrastive-only, no thinking"] ==
           report.collect(examples).rows["contrastive-only, no thinking"] ==
+          report.collect(candidates).rows["contrastive-only, no thinking"] ==
           report.collect(RESULTS).rows["contrastive-only, no thinking"])  # (b) does not depend on the expert
   table = report.render_levers({"recipe (zero-shot)": report.collect(RESULTS),
                                 "3 in-context examples": report.collect(examples),
-                                "3 in-context examples, thought drop 0.5": report.collect(drop)})
+                                "3 in-context examples, thought drop 0.5": report.collect(drop),
+                                "4 candidates": report.collect(candidates)})
   assert table in (ROOT / "README.md").read_text()
 
 
