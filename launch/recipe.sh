@@ -5,7 +5,7 @@
 #   launch/recipe.sh [--preset=scifact|cosqa|scifact-gpu] [--shared=../shared] [--out=runs/PRESET] [--dataset=DIR]
 #                    [--train_split=NAME] [--test_split=NAME] [--doc_tokens=N] [--limit=N] [--shards=8] [--steps=N]
 #                    [--max_queries=N] [--examples=N] [--candidates=K] [--thought_tokens=N] [--thought_drop=R]
-#                    [--reuse=RUN] [--dry-run] [-- TRAINER_OVERRIDES...]
+#                    [--w_gen=W] [--reuse=RUN] [--dry-run] [-- TRAINER_OVERRIDES...]
 #
 # Presets (the options above override them):
 #   scifact  SHARED/data/beir-scifact: qrels/train.tsv (809 queries) trains, qrels/test.tsv (300) evaluates;
@@ -44,9 +44,10 @@
 # embeddings are cached. The expert's levers override the preset's: --examples (in-context (query, positive) pairs
 # of other train queries per prompt, in synthesis and in the diagnosis alike), --candidates (k, for the committee to
 # choose from), --thought_tokens (the longest thought written, cloned and generated); --thought_drop sets how often
-# (a) trains a query without its thought (the config's 0.1 by default; (b) always drops it). Give a lever run its
-# own --out. OUT/stages/settings records what the results depend on, and a run refuses an OUT made with other
-# settings. --reuse=RUN links the stages a lever of (a) alone (--thought_drop) leaves unchanged from RUN, made with
+# (a) trains a query without its thought (the config's 0.1 by default; (b) always drops it), --w_gen the weight of
+# (a)'s behaviour-cloning loss (the config's 0.2; (b) has none). Give a lever run its own --out. OUT/stages/settings
+# records what the results depend on, and a run refuses an OUT made with other settings. --reuse=RUN links the
+# stages a lever of (a) alone (--thought_drop, --w_gen) leaves unchanged from RUN, made with
 # the same settings otherwise: thoughts, convert, untrained, train_contrastive and contrastive; the report names
 # them. --limit (train queries), --shards (each shard's last generation batch is padded to 64
 # prompts), --steps and --max_queries (test queries) make a quick run; --dataset replaces the preset's directory
@@ -57,7 +58,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 preset=scifact shared=../shared out="" dataset="" train_split="" test_split="" doc_tokens=""
 limit="" shards=8 steps="" max_queries=0 examples_option="" candidates_option="" thought_tokens_option=""
-thought_drop="" reuse=""
+thought_drop="" w_gen="" reuse=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --preset=*) preset="${1#*=}" ;;
@@ -75,6 +76,7 @@ while [[ $# -gt 0 ]]; do
     --candidates=*) candidates_option="${1#*=}" ;;
     --thought_tokens=*) thought_tokens_option="${1#*=}" ;;
     --thought_drop=*) thought_drop="${1#*=}" ;;
+    --w_gen=*) w_gen="${1#*=}" ;;
     --reuse=*) reuse="${1#*=}" ;;
     --dry-run) export O1_DRY_RUN=1 ;;
     --) shift; break ;;
@@ -119,11 +121,15 @@ for option in doc_tokens candidates thought_tokens; do
 done
 [[ -z "$thought_drop" || "$thought_drop" =~ ^(0(\.[0-9]+)?|1(\.0*)?)$ ]] || {
   echo "recipe.sh: --thought_drop=$thought_drop: not a number from 0 to 1" >&2; exit 2; }
+[[ -z "$w_gen" || "$w_gen" =~ ^[0-9]+(\.[0-9]+)?$ ]] || {
+  echo "recipe.sh: --w_gen=$w_gen: not a non-negative number" >&2; exit 2; }
 # The diagnosis draws the expert's examples from the train split, as synthesis did: test pairs would be labels.
 example_split=()
 (( examples == 0 )) || example_split=(--example_split="$train_split")
 
-# What the stages' results depend on besides the code, one per line; thought_drop (last) changes only (a).
+# What the stages' results depend on besides the code, one per line; thought_drop and w_gen (last; w_gen only when
+# given, so runs made before it existed keep their settings) change only (a).
+newline=$'\n'
 settings="preset=$preset
 dataset=$(realpath -m "$dataset")
 train_split=$train_split
@@ -137,9 +143,9 @@ examples=$examples
 candidates=$candidates
 thought_tokens=$thought_tokens
 trainer_overrides=$*
-thought_drop=${thought_drop:-config}"
+thought_drop=${thought_drop:-config}${w_gen:+${newline}w_gen=$w_gen}"
 # The first setting of file $1 that differs from this run's, as "its 'A', this run's 'B'"; nothing when they agree
-# (on every line but thought_drop with $2 = reuse).
+# (on every line before thought_drop with $2 = reuse).
 differing_setting() {
   local mine theirs
   mine="$settings"
@@ -216,7 +222,7 @@ stage untrained python -m o1jax.eval --checkpoint="$out/untrained_hf" --think=of
 
 stage train python -m o1jax.train "${train_args[@]}" --config.checkpoint.dir="$out/train" \
   --config.log.jsonl="$out/train_metrics.jsonl" --config.log.tensorboard_dir="$out/tensorboard" "$@" \
-  ${thought_drop:+--config.train.thought_drop="$thought_drop"}
+  ${thought_drop:+--config.train.thought_drop="$thought_drop"} ${w_gen:+--config.train.w_gen="$w_gen"}
 stage trained python -m o1jax.eval --checkpoint="$out/train" --think=3 --max_new_tokens="$thought_tokens" --baselines= \
   --out="$out/eval/trained" "${eval_args[@]}"
 

@@ -160,11 +160,13 @@ def test_a_run_reusing_an_earlier_ones_stages_retrains_to_the_same_table(quick_r
 
 def test_a_lever_of_a_alone_trains_only_a_and_other_settings_are_refused(quick_run, shared_dir, tmp_path):
   out, dataset, _ = quick_run
-  proc = recipe(shared_dir, tmp_path / "drop", dataset, f"--reuse={out}", "--thought_drop=0.5", "--dry-run")
+  proc = recipe(shared_dir, tmp_path / "drop", dataset, f"--reuse={out}", "--thought_drop=0.5", "--w_gen=1.0",
+                "--dry-run")
   assert proc.returncode == 0, proc.stderr
   commands = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
   trainings = [c for c in commands if c[:3] == ["python", "-m", "o1jax.train"]]
-  assert len(trainings) == 1 and trainings[0][-1] == "--config.train.thought_drop=0.5"
+  assert len(trainings) == 1
+  assert trainings[0][-2:] == ["--config.train.thought_drop=0.5", "--config.train.w_gen=1.0"]
   assert sum(c[:2] == ["ln", "-sfn"] for c in commands) == sum(map(len, REUSABLE.values()))
   # Anything else that changes a reused stage's results is a different run: named, and nothing runs.
   for options, where in (([f"--reuse={out}", "--examples=3"], f"--reuse={out}"), (["--candidates=3"], f"--out={out}")):
@@ -196,7 +198,8 @@ def test_missing_shared_data_is_named(tmp_path):
                                              ("--examples=-1", "--examples=-1: not a whole number"),
                                              ("--candidates=0", "--candidates=0: not a positive integer"),
                                              ("--thought_tokens=x", "--thought_tokens=x: not a positive integer"),
-                                             ("--thought_drop=1.5", "--thought_drop=1.5: not a number from 0 to 1")])
+                                             ("--thought_drop=1.5", "--thought_drop=1.5: not a number from 0 to 1"),
+                                             ("--w_gen=-1", "--w_gen=-1: not a non-negative number")])
 def test_bad_options_are_named(shared_dir, tmp_path, option, message):
   proc = subprocess.run(["bash", "launch/recipe.sh", f"--shared={shared_dir}", f"--out={tmp_path}", option],
                         cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60)
