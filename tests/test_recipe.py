@@ -358,25 +358,26 @@ def test_lever_table_sets_runs_side_by_side_from_their_own_files(capsys):
 LEVERS = RESULTS / "levers"
 
 
+# The README's lever table: name -> the run under launch/results/scifact (the first is the recipe's own run).
+LEVER_RUNS = {"recipe (zero-shot)": RESULTS, "3 in-context examples": LEVERS / "examples-3",
+              "3 in-context examples, thought drop 0.5": LEVERS / "examples-3-drop-0.5",
+              "4 candidates": LEVERS / "candidates-4", "4 candidates, w_gen 1.0": LEVERS / "candidates-4-w_gen-1"}
+# Levers of (a) alone, and the run each reused the rest from.
+REUSED_FROM = {"3 in-context examples, thought drop 0.5": "runs/scifact-examples3",
+               "4 candidates, w_gen 1.0": "runs/scifact-candidates4"}
+
+
 def test_committed_lever_runs_are_the_reports_rendering_and_their_table_is_in_the_readme():
-  """The lever runs under launch/results/scifact/levers (README "Levers") render as committed, the second reuses
-  the first's (b) and its untrained row, every (b) is the same model (it never sees a thought), and the README's
-  lever table is what the report prints for them."""
-  examples, drop, candidates = LEVERS / "examples-3", LEVERS / "examples-3-drop-0.5", LEVERS / "candidates-4"
-  for run in (examples, drop, candidates):
-    results = report.collect(run)
-    assert list(results.rows) == ROWS and len(results.comparisons) == 4
-    assert (run / "results.md").read_text() == report.render_markdown(results)
-  assert report.collect(drop).reused == {stage: "runs/scifact-examples3" for stage in REUSABLE}
-  assert (report.collect(drop).rows["contrastive-only, no thinking"] ==
-          report.collect(examples).rows["contrastive-only, no thinking"] ==
-          report.collect(candidates).rows["contrastive-only, no thinking"] ==
-          report.collect(RESULTS).rows["contrastive-only, no thinking"])  # (b) does not depend on the expert
-  table = report.render_levers({"recipe (zero-shot)": report.collect(RESULTS),
-                                "3 in-context examples": report.collect(examples),
-                                "3 in-context examples, thought drop 0.5": report.collect(drop),
-                                "4 candidates": report.collect(candidates)})
-  assert table in (ROOT / "README.md").read_text()
+  """The lever runs under launch/results/scifact/levers (README "Levers") render as committed, the levers of (a)
+  alone reused the expert's thoughts, the untrained row and (b), every (b) is the same model (it never sees a
+  thought), and the README's lever table is what the report prints for them."""
+  runs = {name: report.collect(run) for name, run in LEVER_RUNS.items()}
+  for name, run in list(LEVER_RUNS.items())[1:]:
+    assert list(runs[name].rows) == ROWS and len(runs[name].comparisons) == 4
+    assert (run / "results.md").read_text() == report.render_markdown(runs[name])
+    assert runs[name].reused == ({stage: REUSED_FROM[name] for stage in REUSABLE} if name in REUSED_FROM else {})
+  assert len({str(r.rows["contrastive-only, no thinking"]) for r in runs.values()}) == 1
+  assert report.render_levers(runs) in (ROOT / "README.md").read_text()
 
 
 SAMPLING = LEVERS / "sampling"
