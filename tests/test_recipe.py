@@ -361,10 +361,12 @@ LEVERS = RESULTS / "levers"
 # The README's lever table: name -> the run under launch/results/scifact (the first is the recipe's own run).
 LEVER_RUNS = {"recipe (zero-shot)": RESULTS, "3 in-context examples": LEVERS / "examples-3",
               "3 in-context examples, thought drop 0.5": LEVERS / "examples-3-drop-0.5",
-              "4 candidates": LEVERS / "candidates-4", "4 candidates, w_gen 1.0": LEVERS / "candidates-4-w_gen-1"}
+              "4 candidates": LEVERS / "candidates-4", "4 candidates, w_gen 1.0": LEVERS / "candidates-4-w_gen-1",
+              "4 candidates, w_gen 1.0, thought drop 0.5": LEVERS / "candidates-4-w_gen-1-drop-0.5"}
 # Levers of (a) alone, and the run each reused the rest from.
 REUSED_FROM = {"3 in-context examples, thought drop 0.5": "runs/scifact-examples3",
-               "4 candidates, w_gen 1.0": "runs/scifact-candidates4"}
+               "4 candidates, w_gen 1.0": "runs/scifact-candidates4",
+               "4 candidates, w_gen 1.0, thought drop 0.5": "runs/scifact-candidates4"}
 
 
 def test_committed_lever_runs_are_the_reports_rendering_and_their_table_is_in_the_readme():
