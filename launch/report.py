@@ -1,7 +1,7 @@
 """`python -m launch.report --run=DIR [--out=DIR]`: a recipe run's results as one table and one figure.
 `python -m launch.report --lever=NAME=DIR --lever=NAME=DIR ...`: several runs of the recipe (a lever each) side by
 side in one table, nDCG@10, on the same test queries.
-`python -m launch.report --comparisons=JSON ...`: paired comparisons made outside a run (e.g. a run's checkpoint
+`python -m launch.report --comparisons JSON ...`: paired comparisons made outside a run (e.g. a run's checkpoint
 evaluated with other sampling) as the run's report shows its own.
 
 Reads what `launch/recipe.sh` (and `launch/scifact.sh`) leaves in the run directory:
