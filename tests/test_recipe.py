@@ -401,6 +401,13 @@ def test_committed_sampling_comparisons_render_as_the_readme_shows(capsys, tmp_p
   for run, (row, _) in SAMPLED.items():
     summary = json.loads((SAMPLING / run / "summary.json").read_text())
     assert f"{summary['metrics'][f'o1jax {row}']['ndcg@10']:.4f}" in readme
+  # What the README says ran: thoughts sampled at 0.7 with top-p 1, and the third given the second's thoughts.
+  settings = {run: json.loads((SAMPLING / run / "summary.json").read_text())["settings"] for run in SAMPLED}
+  for run in ("temperature-0.7", "temperature-0.7-think-8"):
+    assert (settings[run]["temperature"], settings[run]["top_p"], settings[run]["max_new_tokens"]) == (0.7, 1.0, 40)
+  assert (settings["temperature-0.7"]["think"], settings["temperature-0.7-think-8"]["think"]) == (3, 8)
+  assert settings["temperature-0.7-think-8-and-query"]["thoughts_from"] == [
+      "think-8-and-query=runs/scifact-examples3-drop0.5/eval/trained-t0.7-k8/think_8_and_query.thoughts.jsonl"]
   (tmp_path / "compare.json").write_text(json.dumps({"names": ["a", "b"]}))
   with pytest.raises(ValueError, match=r"compare.json: not a JSON file of `python -m o1jax.eval.compare --json`"):
     report.main(["--comparisons", str(tmp_path / "compare.json")])
