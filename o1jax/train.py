@@ -126,7 +126,7 @@ def _train(config: ml_collections.ConfigDict, run: o1config.RunSettings,
 
   shape = run.batch.shape()
   log = logger.TrainLogger(steps, start, run.log, tokens_per_step=shape.tokens(),
-                           flops_per_step=trainer.flops_per_step(shape), peak_flops=peak_flops(),
+                           flops_per_step=trainer.flops_per_step(shape), peak_flops=peak_flops(model_cfg.dtype),
                            enabled=jax.process_index() == 0)
   guard = divergence.DivergenceGuard()
   batches = batching.Prefetcher(batcher, next_batch)

@@ -175,3 +175,21 @@ def test_matmul_floor_reads_every_projection_and_the_head():
   assert len(layers) == 3 and all(len(kernels) == 7 for kernels in layers)
   compiled = jax.jit(decode_matmuls).lower(jnp.ones((8, hidden)), layers, head).compile()
   assert len(re.findall(r"\} dot\(", compiled.as_text())) == 7 * 3 + 1
+
+
+def test_a_bfloat16_train_run_is_its_own_suite_and_row(tmp_path):
+  """Both workers really run the step in bfloat16 (o1jax's compute dtype, PyTorch's autocast), the figures land in
+  train-bfloat16.json, and the table gets rows that say so next to the float32 ones."""
+  out = tmp_path / "train-bfloat16.json"
+  subprocess.run([sys.executable, "-m", "o1jax.bench", "train", "--configs=tiny_cpu", "--dtype=bfloat16", "--rounds=2",
+                  "--steps=1", "--round_seconds=0", f"--json={out}"], check=True, cwd=ROOT, timeout=600,
+                 env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  report = json.loads(out.read_text())
+  assert report["suite"] == "train-bfloat16" and report["settings"]["dtype"] == "bfloat16"
+  run = report["configs"]["tiny_cpu"]
+  assert run["comparison"]["info"]["o1jax"]["dtype"] == "bfloat16"
+  assert run["comparison"]["info"]["pytorch"]["autocast"] == "bfloat16"
+  assert all(run["figures"][side]["ms_per_step"] > 0 for side in ("o1jax", "pytorch"))
+  rows = render.rows({"train-bfloat16": report})
+  assert len(rows) == 2 and "one step in bfloat16 (float32 weights and AdamW; PyTorch under autocast)" in rows[0]
+  assert "measured bf16 matmul peak" in rows[1]

@@ -1,7 +1,7 @@
 """`python -m o1jax.bench.render [--results=DIR]`: the README's Benchmarks table, rendered from the committed JSON.
 
-Reads the files the suites write with `--json` (DIR/generate.json, train.json, and data.json / eval.json when
-present) and prints a Markdown paragraph naming the machine, then the table. tests/test_bench_results.py fails
+Reads the files the suites write with `--json` (DIR/generate.json, train.json, and train-bfloat16.json, data.json,
+eval.json when present) and prints a Markdown paragraph naming the machine, then the table. tests/test_bench_results.py fails
 when the README's table differs from this rendering. A ratio is printed in bold only with the verdict "clean";
 a noisy comparison shows its range over rounds instead.
 """
@@ -15,6 +15,7 @@ import sys
 RESULTS = pathlib.Path(__file__).resolve().parents[2] / "launch" / "results" / "bench"
 HEADER = ("| suite | measurement | result |", "|---|---|---|")
 NAMES = {"tiny_cpu": "tiny_cpu", "smollm2_135m": "SmolLM2-135M"}
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 def ratio_text(comparison: dict) -> str:
@@ -43,13 +44,16 @@ def _generate_rows(g: dict) -> list[tuple[str, str, str]]:
 
 def _train_rows(t: dict) -> list[tuple[str, str, str]]:
   s, configs = t["settings"], t["configs"]
+  dtype = s.get("dtype", "float32")
   speed = ", ".join(f"{NAMES[name]} {ratio_text(c['comparison'])}" for name, c in configs.items())
   peak = ", ".join(f"{NAMES[name]} o1jax {c['figures']['o1jax']['matmul_peak_fraction']:.2f} / PyTorch "
                    f"{c['figures']['pytorch']['matmul_peak_fraction']:.2f}" for name, c in configs.items())
-  return [("train", "one step, o1jax vs the same step in PyTorch `LlamaForCausalLM` (same losses, AdamW), "
+  compute = ("" if dtype == "float32" else
+             f" in {dtype} (float32 weights and AdamW; PyTorch under autocast)")
+  return [(t["suite"], f"one step{compute}, o1jax vs the same step in PyTorch `LlamaForCausalLM` (same losses, AdamW), "
            f"{s['rounds']} rounds x >= {s['steps']} steps and >= {s['round_seconds']:g} s", speed),
-          ("train", f"achieved FLOP/s over the measured fp32 matmul peak ({t['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)",
-           peak)]
+          (t["suite"], f"achieved FLOP/s over the measured {DTYPE_NAMES[dtype]} matmul peak "
+           f"({t['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)", peak)]
 
 
 def _data_rows(d: dict) -> list[tuple[str, str, str]]:
@@ -65,7 +69,8 @@ def _eval_rows(e: dict) -> list[tuple[str, str, str]]:
   return rows
 
 
-SUITES = (("generate", _generate_rows), ("train", _train_rows), ("data", _data_rows), ("eval", _eval_rows))
+SUITES = (("generate", _generate_rows), ("train", _train_rows), ("train-bfloat16", _train_rows), ("data", _data_rows),
+          ("eval", _eval_rows))
 
 
 def load(results: pathlib.Path) -> dict[str, dict]:

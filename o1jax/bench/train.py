@@ -4,7 +4,7 @@ For tiny_cpu and (given the GGUF file, or O1JAX_SHARED) smollm2_135m, both with 
 vs the same step (same weights, batch, lengths, losses and AdamW update) written with transformers' PyTorch
 `LlamaForCausalLM`. Each side runs in its own process, compiled / warmed up, and the two are timed in turns over
 `--rounds` rounds of `--steps` steps, more until a round lasts `--round_seconds` (`o1jax.bench.protocol`): step
-time, tokens/s, achieved FLOP/s over the fp32 matmul peak measured at start-up, peak RSS of each process, the
+time, tokens/s, achieved FLOP/s over the matmul peak measured at start-up (in `--dtype`), peak RSS of each process, the
 speed-up with its spread and a verdict. (Compiling a config's step from shapes alone, e.g. Mistral-7B on 8 fake
 CPU devices, with XLA's memory analysis: `python -m o1jax.aot --config=... --topology=cpu-8`.)
 """
@@ -23,6 +23,7 @@ from o1jax import host_allocator
 from o1jax.bench import protocol
 
 CONFIGS = ("tiny_cpu", "smollm2_135m")
+DTYPES = ("float32", "bfloat16")
 SIDES = ("o1jax", "pytorch")
 
 
@@ -78,9 +79,9 @@ def torch_contrastive_step(model, optimizer, batch, *, tau: float, group_size: i
   return loss.item()
 
 
-def torch_step_fn(model_dir: str, config, batch: dict[str, np.ndarray]):
-  """The o1jax step in PyTorch `LlamaForCausalLM` (fp32, full fine-tuning): `torch_contrastive_step` on the
-  weights saved in `model_dir`."""
+def torch_step_fn(model_dir: str, config, batch: dict[str, np.ndarray], autocast_dtype=None):
+  """The o1jax step in PyTorch `LlamaForCausalLM` (fp32 weights, full fine-tuning; compute under `autocast_dtype`
+  when given): `torch_contrastive_step` on the weights saved in `model_dir`."""
   import torch
   import transformers
   t, o = config.train, config.optim
@@ -89,11 +90,12 @@ def torch_step_fn(model_dir: str, config, batch: dict[str, np.ndarray]):
   opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
   b = {k: torch.from_numpy(v).long() for k, v in batch.items()}
   return lambda: torch_contrastive_step(model, opt, b, tau=t.tau, group_size=t.group_size, w_ctr=t.w_ctr,
-                                        w_gen=t.w_gen, clip_norm=o.clip_norm)
+                                        w_gen=t.w_gen, clip_norm=o.clip_norm, autocast_dtype=autocast_dtype)
 
 
-def _setup(name: str, gguf: str):
-  """The config, run settings, model, host batch and trainer of config `name` (full fine-tuning, one mesh)."""
+def _setup(name: str, gguf: str, dtype: str):
+  """The config, run settings, model, host batch and trainer of config `name` (full fine-tuning, one mesh, fp32
+  weights, `dtype` compute)."""
   import jax
   from o1jax import config as o1config, sharding
   from o1jax.data import batching
@@ -101,7 +103,7 @@ def _setup(name: str, gguf: str):
   from o1jax.training.trainer import Trainer
   overrides = [f"--config.model.path={gguf}"] if name == "smollm2_135m" else []
   config = o1config.load([f"--config=configs/{name}.py", "--config.train.finetune=full", "--config.checkpoint.dir=",
-                          *overrides])
+                          f"--config.model.dtype={dtype}", "--config.model.param_dtype=float32", *overrides])
   with config.unlocked():
     config.mesh.update(data=1, fsdp=-1, tensor=1)
   o1config.validate(config, jax.device_count())
@@ -112,9 +114,9 @@ def _setup(name: str, gguf: str):
   return config, run, model_cfg, params, host, trainer
 
 
-def o1jax_side(name: str, gguf: str) -> protocol.Workload:
+def o1jax_side(name: str, gguf: str, dtype: str) -> protocol.Workload:
   import jax
-  _, run, model_cfg, params, host, trainer = _setup(name, gguf)
+  _, run, model_cfg, params, host, trainer = _setup(name, gguf, dtype)
   holder = {"state": trainer.init_state(jax.random.key(run.seed), params)}
   batch = trainer.shard_batch(host)
 
@@ -125,22 +127,24 @@ def o1jax_side(name: str, gguf: str) -> protocol.Workload:
   shape = run.batch.shape()
   return protocol.Workload(run=step, after=_rss_gib, info={
       "tokens": shape.tokens(), "flops_per_step": trainer.flops_per_step(shape), "family": model_cfg.family,
+      "dtype": model_cfg.dtype,
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"})
 
 
-def pytorch_side(name: str, gguf: str) -> protocol.Workload:
+def pytorch_side(name: str, gguf: str, dtype: str) -> protocol.Workload:
   import torch
   import jax
   from o1jax.convert import save_hf
-  config, run, model_cfg, params, host, trainer = _setup(name, gguf)
+  config, run, model_cfg, params, host, trainer = _setup(name, gguf, dtype)
   # The o1jax side's initial weights: the same seed (tiny_cpu initialises in init_state) or GGUF.
   params = jax.device_get(trainer.init_state(jax.random.key(run.seed), params)["params"])
   with tempfile.TemporaryDirectory() as tmp:
     model_dir = os.path.join(tmp, "model")
     save_hf(model_cfg, params, model_dir)
     del params
-    step = torch_step_fn(model_dir, config, host)
-  return protocol.Workload(run=step, after=_rss_gib, info={"threads": torch.get_num_threads()})
+    step = torch_step_fn(model_dir, config, host, autocast_dtype=None if dtype == "float32" else getattr(torch, dtype))
+  return protocol.Workload(run=step, after=_rss_gib, info={"threads": torch.get_num_threads(),
+                                                           "autocast": None if dtype == "float32" else dtype})
 
 
 def main(argv: list[str]) -> None:
@@ -152,6 +156,9 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--steps", type=int, default=3, help="timed steps per side per round (median)")
   parser.add_argument("--round_seconds", type=float, default=2.0,
                       help="more steps per round until a round lasts this long (tiny_cpu's steps take ms)")
+  parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                      help="compute dtype of both sides; weights and AdamW stay float32 (bfloat16: o1jax's "
+                           "config.model.dtype, PyTorch under autocast)")
   parser.add_argument("--json", default="", help="write every figure, the machine and the verdicts here")
   parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
   parser.add_argument("--worker_config", choices=CONFIGS, help=argparse.SUPPRESS)
@@ -168,13 +175,13 @@ def main(argv: list[str]) -> None:
     parser.error(f"--gguf: no such file: {gguf}")
   if args.worker:
     side = o1jax_side if args.worker == "o1jax" else pytorch_side
-    protocol.serve(lambda: side(args.worker_config, gguf), args.steps, args.round_seconds)
+    protocol.serve(lambda: side(args.worker_config, gguf, args.dtype), args.steps, args.round_seconds)
     return
 
   from o1jax.training.flops import measured_matmul_peak
   load_before = protocol.load_average()  # before the peak measurement and every config's workers
-  peak = measured_matmul_peak()
-  print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+  peak = measured_matmul_peak(dtype=args.dtype)
+  print(f"{args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s")
   results = {}
   env = host_allocator.cpu_environment(os.environ)  # both sides: the ratio compares the frameworks, not mallocs
   for name in configs:
@@ -182,7 +189,7 @@ def main(argv: list[str]) -> None:
       print("smollm2_135m skipped: pass --gguf=FILE or set O1JAX_SHARED")
       continue
     sides = tuple(protocol.Side(s, [sys.executable, "-m", "o1jax.bench", "train", f"--worker={s}",
-                                    f"--worker_config={name}", f"--gguf={gguf}", f"--steps={args.steps}",
+                                    f"--worker_config={name}", f"--gguf={gguf}", f"--dtype={args.dtype}", f"--steps={args.steps}",
                                     f"--round_seconds={args.round_seconds}"], env)
                   for s in SIDES)
     try:
@@ -204,7 +211,8 @@ def main(argv: list[str]) -> None:
     print(f"[{name}] " + protocol.describe(result, "speed-up o1jax over PyTorch"))
     results[name] = {"tokens_per_step": tokens, "flops_per_step": flops, "figures": figures, "comparison": result}
   if args.json:
-    protocol.write_json(args.json, "train", {
-        "settings": {"finetune": "full", "rounds": args.rounds, "steps": args.steps,
+    # One file per dtype, named by its suite (launch/results/bench/train.json, train-bfloat16.json).
+    protocol.write_json(args.json, "train" if args.dtype == "float32" else f"train-{args.dtype}", {
+        "settings": {"finetune": "full", "dtype": args.dtype, "rounds": args.rounds, "steps": args.steps,
                      "round_seconds": args.round_seconds, "gguf": os.path.basename(gguf)},
         "matmul_peak_flops": peak, "configs": results})

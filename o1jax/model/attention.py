@@ -43,7 +43,7 @@ def resolve(requested: str, q: jax.Array, k: jax.Array, key_valid: jax.Array | N
   given for attention without a KV cache (the only case splash takes)."""
   if requested not in IMPLEMENTATIONS:
     raise ValueError(f"attention={requested!r}; expected one of {', '.join(IMPLEMENTATIONS)}")
-  backend = _platform()
+  backend = traced_platform()
   chosen = {"gpu": "cudnn", "tpu": "splash"}.get(backend, "einsum") if requested == "auto" else requested
   problem = ""
   if chosen == "cudnn":
@@ -53,7 +53,7 @@ def resolve(requested: str, q: jax.Array, k: jax.Array, key_valid: jax.Array | N
   return _fallback(requested, problem) if problem else chosen
 
 
-def _platform() -> str:
+def traced_platform() -> str:
   """The platform the traced program is for: the mesh's devices (so a TPU program compiled ahead of time on a CPU
   host gets TPU kernels), else the default backend."""
   device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
@@ -125,7 +125,7 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, slid
       splash.MultiHeadMask([local] * groups), block_sizes=splash.BlockSizes(
           block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
           block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block),
-      interpret=_platform() != "tpu")
+      interpret=traced_platform() != "tpu")
   # Padding keys and queries get segment 0, real tokens 1: a real query sees only real keys, as the mask says.
   segments = key_valid.astype(jnp.int32)
 

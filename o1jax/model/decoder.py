@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from o1jax.model.attention import attend
 from o1jax.model.config import ModelConfig
+from o1jax.model.projection import Projection
 from o1jax.model.rope import apply_rotary, rotary_tables
 
 # Names of the activations a remat policy can keep (`checkpoint_name` tags in the layer code, MaxText's names).
@@ -63,7 +64,7 @@ class KVCache(NamedTuple):
 
 def _dense(features: int, axes: tuple[str, str], cfg: ModelConfig, name: str, bias: bool = False):
   """A projection of [..., in] activations to [..., features], computed on rows [tokens, in]."""
-  dense = nn.Dense(
+  dense = Projection(
       features, use_bias=bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name,
       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))

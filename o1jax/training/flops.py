@@ -21,10 +21,11 @@ PEAK_FLOPS = {
 }
 
 
-def measured_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of the best of `repeats` jitted fp32 [size, size] matmuls on the default device (the CPU "peak")."""
-  a = jnp.ones((size, size), jnp.float32)
-  matmul = jax.jit(lambda x: x @ x)
+def measured_matmul_peak(size: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+  """FLOP/s of the best of `repeats` jitted [size, size] matmuls of `dtype` operands on the default device (the CPU
+  "peak"), written in float32 as a training step's are (XLA:CPU's bfloat16 kernel writes float32)."""
+  a = jnp.ones((size, size), dtype)
+  matmul = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
   matmul(a).block_until_ready()
   best = float("inf")
   for _ in range(repeats):
@@ -34,15 +35,16 @@ def measured_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
   return 2 * size**3 / best
 
 
-def peak_flops() -> float:
-  """Peak FLOP/s of the whole run: table value x device count, or on CPU the measured matmul peak of the host.
+def peak_flops(dtype: str = "float32") -> float:
+  """Peak FLOP/s of the whole run: table value x device count, or on CPU the measured matmul peak of the host
+  for `dtype` operands (the compute dtype).
 
   Fake CPU devices (`--xla_force_host_platform_device_count`) share the host's cores, so the host figure is the
   whole machine's. 0.0 when the accelerator is not in the table (MFU is then not logged).
   """
   device = jax.devices()[0]
   if device.platform == "cpu":
-    return measured_matmul_peak()
+    return measured_matmul_peak(dtype=dtype)
   return PEAK_FLOPS.get(device.device_kind, 0.0) * jax.device_count()
 
 
