@@ -4,7 +4,7 @@ every source of thoughts comes to the relevant documents.
   python -m data_tools.diagnose --dataset=BEIR_DIR --split=test [--max_queries=N] --out=DIR \
       --expert=local --model=SmolLM2-135M-Instruct.Q4_1.gguf --k=2 --max_new_tokens=40 \
       [--num_examples=3 --example_split=train] [--members=bm25,st] [--score=NAME=THOUGHTS_JSONL ...] \
-      [--oracle_words=32]
+      [--oracle_words=32] [--candidates_from=EARLIER_OUT/candidates.thoughts.jsonl]
 
 The queries are the split's first `--max_queries` judged ones, as `python -m o1jax.eval --max_queries` takes them.
 The expert writes `--k` candidates per query with the same exploration options as `data_tools.synthesize`, and the
@@ -17,6 +17,9 @@ reads (text only; the embedding model tokenizes them):
                                 uses the test labels (as it does for training data): label-informed
   oracle.thoughts.jsonl         the first `--oracle_words` words of a relevant document (the lowest id): an upper
                                 bound of what any thought could carry, not a system
+  candidates.thoughts.jsonl     every candidate the expert wrote (empty ones left out), in its order: what
+                                `--candidates_from` takes, so a run with the same queries and expert options can
+                                skip the expert (the recipe's --reuse does, for a lever that changes training only)
 and `quality.json` with the table it prints: per source (the query text alone, the expert's candidates, the
 chosen one, the oracle, and every `--score` file, e.g. the thoughts `o1jax.eval --out` wrote for the trained
 model), the mean MiniLM cosine between a thought and the query's first relevant document (the committee's dense
@@ -68,6 +71,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                  help="repeatable: a thoughts file to measure too (e.g. the trained model's, from o1jax.eval --out)")
   p.add_argument("--oracle_words", type=int, default=32, help="words of the relevant document in the oracle thought")
   p.add_argument("--queries_per_batch", type=int, default=32)
+  p.add_argument("--candidates_from", default="", metavar="FILE",
+                 help="the expert's candidates from an earlier run with these queries and expert options (its "
+                      "candidates.thoughts.jsonl); the expert does not run")
   p.add_argument("--example_split", default="",
                  help="the split whose (query, positive) pairs are the in-context examples (needed with --num_examples)")
   options.add_expert_options(p, model_required=True)
@@ -90,6 +96,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.score = thoughts_file.named_files("--score", args.score, reserved=SOURCES)
   except ValueError as e:
     p.error(str(e))
+  if args.candidates_from and not storage.exists(args.candidates_from):
+    p.error(f"--candidates_from={args.candidates_from}: no such file")
   return args
 
 
@@ -201,9 +209,13 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   scored = {name: read_thoughts(path) for name, path in args.score.items()}
   for name, thoughts in scored.items():
     thoughts_file.check_covers(f"--score={name}={args.score[name]}", [q.query_id for q in queries], thoughts)
+  earlier = read_thoughts(args.candidates_from) if args.candidates_from else None
+  if earlier is not None:
+    thoughts_file.check_covers(f"--candidates_from={args.candidates_from}", [q.query_id for q in queries], earlier)
   committee = options.make_committee(args)
   dense = next(m for m in committee.members if isinstance(m, DenseMember))
-  candidates = expert_candidates(args, queries, prompts)
+  candidates = ({q.query_id: earlier[q.query_id].texts for q in queries} if earlier is not None
+                else expert_candidates(args, queries, prompts))
   missing = [q.query_id for q in queries if q.query_id not in candidates]
   if missing:
     raise ValueError(f"the expert answered every candidate of {len(missing)} queries with empty text "
@@ -214,6 +226,8 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
              "expert-chosen": [[candidates[q.query_id][w]] for q, w in zip(queries, winners)],
              "oracle": [[text] for text in oracle]}
   storage.makedirs(args.out)
+  write_thoughts(storage.join(args.out, "candidates.thoughts.jsonl"),
+                 {q.query_id: QueryThoughts(q.query, candidates[q.query_id]) for q in queries})
   for name, thoughts in written.items():
     write_thoughts(storage.join(args.out, f"{name}.thoughts.jsonl"),
                    {q.query_id: QueryThoughts(q.query, t) for q, t in zip(queries, thoughts)})
@@ -224,6 +238,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   measured = {name: quality(queries, thoughts, dense) for name, thoughts in sources.items()}
   print(format_table(measured))
   result = {"command": " ".join([PROG, *argv]), "queries": len(queries), "k": args.k,
+            "candidates_from": args.candidates_from or None,
             "sources": {name: dataclasses.asdict(q) for name, q in measured.items()}, "committee": view}
   atomic_write_json(storage.join(args.out, "quality.json"), result)
   return result

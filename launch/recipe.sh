@@ -49,7 +49,7 @@
 # records what the results depend on, and a run refuses an OUT made with other settings. --reuse=RUN links the
 # stages a lever of (a) alone (--thought_drop, --w_gen) leaves unchanged from RUN, made with
 # the same settings otherwise: thoughts, convert, untrained, train_contrastive and contrastive; the report names
-# them. --limit (train queries), --shards (each shard's last generation batch is padded to 64
+# them. The diagnosis then takes RUN's expert candidates for the test queries instead of generating them. --limit (train queries), --shards (each shard's last generation batch is padded to 64
 # prompts), --steps and --max_queries (test queries) make a quick run; --dataset replaces the preset's directory
 # (BEIR layout with qrels/TRAIN_SPLIT.tsv and qrels/TEST_SPLIT.tsv); arguments after `--` go to both trainings
 # (e.g. --config.train.batch_queries=8). Run it from the repository root.
@@ -237,9 +237,12 @@ stage contrastive python -m o1jax.eval --checkpoint="$out/train_contrastive" --t
 # Where the gain is lost, on the same test queries: the expert's own thoughts (its first candidate, and the one the
 # committee chose by comparing with a relevant document) and an oracle thought (a relevant document's first words),
 # each embedded by (a) in place of its own, with how close every source's thoughts come to the relevant documents.
+# The expert's candidates depend only on settings --reuse checked, so a reused run's are taken, not written again.
+earlier_candidates="${reuse:+$reuse/diagnosis/candidates.thoughts.jsonl}"
+[[ -n "$earlier_candidates" && -f "$earlier_candidates" ]] || earlier_candidates=""
 stage diagnose python -m data_tools.diagnose --dataset="$dataset" --split="$test_split" --max_queries="$max_queries" \
   --out="$out/diagnosis" --expert=local --model="$gguf" --members=bm25,st --k="$candidates" \
-  --num_examples="$examples" "${example_split[@]}" \
+  --num_examples="$examples" "${example_split[@]}" ${earlier_candidates:+--candidates_from="$earlier_candidates"} \
   --max_new_tokens="$thought_tokens" --batch_size=64 --score=trained="$out/eval/trained/o1jax_think_3.thoughts.jsonl"
 stage diagnosis python -m o1jax.eval --checkpoint="$out/train" --think=off --max_new_tokens="$thought_tokens" --baselines= \
   --thoughts_from=expert="$out/diagnosis/expert.thoughts.jsonl" \

@@ -72,6 +72,8 @@ def run(*argv):
     (["--score=t={file}"], 1, "python -m data_tools.diagnose: --score=t={file}: no thoughts for 1 of the 2 queries "
                               "(first: 'q2')"),
     (["--score=t={bad}"], 1, "bad.jsonl, line 1, field 'thoughts': expected a non-empty list of strings"),
+    (["--candidates_from={missing}"], 2, "--candidates_from={missing}: no such file"),
+    (["--candidates_from={file}"], 1, "--candidates_from={file}: no thoughts for 1 of the 2 queries (first: 'q2')"),
 ])
 def test_bad_input_is_one_line_before_the_expert_loads(dataset, tmp_path, extra, status, message):
   """The expert's model file does not exist: every failure here comes before anything loads it."""
@@ -85,3 +87,23 @@ def test_bad_input_is_one_line_before_the_expert_loads(dataset, tmp_path, extra,
   assert message.format(**names) in lines[-1], proc.stderr
   assert len(lines) == 1 or lines[-1].startswith("python -m data_tools.diagnose: error: "), proc.stderr  # argparse
   assert not (tmp_path / "out").exists()
+
+
+def test_earlier_candidates_stand_in_for_the_expert(dataset, tmp_path):
+  """With --candidates_from the expert never runs (its model file does not exist here): the committee judges the
+  earlier candidates, the written thoughts and figures come from them, and the run writes them again for the next."""
+  earlier = tmp_path / "candidates.thoughts.jsonl"
+  earlier.write_text("".join(json.dumps({"query_id": q, "query": text, "thoughts": thoughts}) + "\n" for q, text, thoughts in [
+      ("q1", "query one", ["nothing alike", "text one"]), ("q2", "query two", ["text two", "unrelated words"])]))
+  out = tmp_path / "out"
+  proc = run(f"--dataset={dataset}", f"--out={out}", f"--model={tmp_path / 'none.gguf'}", f"--candidates_from={earlier}",
+             "--k=2")
+  assert proc.returncode == 0, proc.stderr
+  read = lambda name: {r["query_id"]: r["thoughts"] for r in map(json.loads, (out / name).read_text().splitlines())}
+  assert read("expert.thoughts.jsonl") == {"q1": ["nothing alike"], "q2": ["text two"]}
+  # The committee compared each candidate with the relevant document ("text one", "text two").
+  assert read("expert-chosen.thoughts.jsonl") == {"q1": ["text one"], "q2": ["text two"]}
+  assert read("candidates.thoughts.jsonl") == {"q1": ["nothing alike", "text one"], "q2": ["text two", "unrelated words"]}
+  quality_json = json.loads((out / "quality.json").read_text())
+  assert quality_json["candidates_from"] == str(earlier) and quality_json["sources"]["expert-random"][
+      "thoughts_per_query"] == 2.0

@@ -149,6 +149,12 @@ def test_a_run_reusing_an_earlier_ones_stages_retrains_to_the_same_table(quick_r
   before, after = report.collect(out), report.collect(lever)
   assert after.rows == before.rows
   assert [s["loss"] for s in after.steps] == [s["loss"] for s in before.steps]
+  # The diagnosis judged the earlier run's expert candidates instead of running the expert again.
+  earlier = out / "diagnosis" / "candidates.thoughts.jsonl"
+  assert json.loads((lever / "diagnosis" / "quality.json").read_text())["candidates_from"] == str(earlier)
+  for name in ("candidates", "expert", "expert-chosen"):
+    assert (lever / "diagnosis" / f"{name}.thoughts.jsonl").read_text() == (
+        out / "diagnosis" / f"{name}.thoughts.jsonl").read_text()
   assert after.reused == {stage: str(out) for stage in REUSABLE}
   assert sorted(after.stage_seconds) == sorted(set(report.STAGE_ORDER) - set(REUSABLE))
   assert (f"Reused from `{out}` (its results, not run again here): thoughts, convert, untrained, train_contrastive, "
