@@ -1,8 +1,8 @@
 """The decoder's projections (`Projection`, an `nn.Dense`): bfloat16 rows on a CPU through XLA:CPU's fast kernel.
 
-XLA:CPU multiplies bfloat16 matrices at nearly twice its float32 rate (its YNNPACK kernel: 334 vs 193 GFLOP/s in
-launch/results/bench/train*.json, a 2-core AVX-512 machine) only when the product is written in float32 and the left
-operand contracts over its last, contiguous axis. A plain bfloat16 `dot_general` writes bfloat16, and the weight gradient contracts
+XLA:CPU multiplies bfloat16 matrices at 1.6-1.7x its float32 rate (its YNNPACK kernel; the measured peaks are in
+launch/results/bench/train*.json) only when the product is written in float32 and the left operand contracts over
+its last, contiguous axis. A plain bfloat16 `dot_general` writes bfloat16, and the weight gradient contracts
 over the tokens (the first axis of both operands), so XLA converts to float32 and runs the float32 kernel for all
 three matmuls of a projection. Here the forward and the input gradient are written in float32 and rounded, the
 weight gradient reads the activations transposed in memory and reaches the float32 weights without rounding.
