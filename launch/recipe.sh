@@ -49,9 +49,10 @@
 # records what the results depend on, and a run refuses an OUT made with other settings. --reuse=RUN links the
 # stages a lever of (a) alone (--thought_drop, --w_gen) leaves unchanged from RUN, made with
 # the same settings otherwise: thoughts, convert, untrained, train_contrastive and contrastive; the report names
-# them. The diagnosis then takes RUN's expert candidates for the test queries instead of generating them. --limit (train queries), --shards (each shard's last generation batch is padded to 64
-# prompts), --steps and --max_queries (test queries) make a quick run; --dataset replaces the preset's directory
-# (BEIR layout with qrels/TRAIN_SPLIT.tsv and qrels/TEST_SPLIT.tsv); arguments after `--` go to both trainings
+# them. The diagnosis then takes RUN's expert candidates for the test queries instead of generating them.
+# --limit (train queries), --shards (each shard's last generation batch is padded to 64 prompts), --steps and
+# --max_queries (test queries) make a quick run; --dataset replaces the preset's directory (BEIR layout with
+# qrels/TRAIN_SPLIT.tsv and qrels/TEST_SPLIT.tsv); arguments after `--` go to both trainings
 # (e.g. --config.train.batch_queries=8). Run it from the repository root.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

@@ -93,17 +93,19 @@ def test_earlier_candidates_stand_in_for_the_expert(dataset, tmp_path):
   """With --candidates_from the expert never runs (its model file does not exist here): the committee judges the
   earlier candidates, the written thoughts and figures come from them, and the run writes them again for the next."""
   earlier = tmp_path / "candidates.thoughts.jsonl"
-  earlier.write_text("".join(json.dumps({"query_id": q, "query": text, "thoughts": thoughts}) + "\n" for q, text, thoughts in [
-      ("q1", "query one", ["nothing alike", "text one"]), ("q2", "query two", ["text two", "unrelated words"])]))
+  given = {"q1": ["nothing alike", "text one"], "q2": ["text two", "unrelated words"]}
+  queries = {"q1": "query one", "q2": "query two"}
+  earlier.write_text("".join(json.dumps({"query_id": q, "query": queries[q], "thoughts": t}) + "\n"
+                             for q, t in given.items()))
   out = tmp_path / "out"
-  proc = run(f"--dataset={dataset}", f"--out={out}", f"--model={tmp_path / 'none.gguf'}", f"--candidates_from={earlier}",
-             "--k=2")
+  proc = run(f"--dataset={dataset}", f"--out={out}", f"--model={tmp_path / 'none.gguf'}",
+             f"--candidates_from={earlier}", "--k=2")
   assert proc.returncode == 0, proc.stderr
   read = lambda name: {r["query_id"]: r["thoughts"] for r in map(json.loads, (out / name).read_text().splitlines())}
   assert read("expert.thoughts.jsonl") == {"q1": ["nothing alike"], "q2": ["text two"]}
   # The committee compared each candidate with the relevant document ("text one", "text two").
   assert read("expert-chosen.thoughts.jsonl") == {"q1": ["text one"], "q2": ["text two"]}
-  assert read("candidates.thoughts.jsonl") == {"q1": ["nothing alike", "text one"], "q2": ["text two", "unrelated words"]}
+  assert read("candidates.thoughts.jsonl") == given
   quality_json = json.loads((out / "quality.json").read_text())
   assert quality_json["candidates_from"] == str(earlier) and quality_json["sources"]["expert-random"][
       "thoughts_per_query"] == 2.0

@@ -1,9 +1,9 @@
 """`python -m o1jax.bench.render [--results=DIR]`: the README's Benchmarks table, rendered from the committed JSON.
 
 Reads the files the suites write with `--json` (DIR/generate.json, train.json, and train-bfloat16.json, data.json,
-eval.json when present) and prints a Markdown paragraph naming the machine, then the table. tests/test_bench_results.py fails
-when the README's table differs from this rendering. A ratio is printed in bold only with the verdict "clean";
-a noisy comparison shows its range over rounds instead.
+eval.json when present) and prints a Markdown paragraph naming the machine, then the table.
+tests/test_bench_results.py fails when the README's table differs from this rendering. A ratio is printed in bold
+only with the verdict "clean"; a noisy comparison shows its range over rounds instead.
 """
 from __future__ import annotations
 

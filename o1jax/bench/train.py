@@ -4,8 +4,8 @@ For tiny_cpu and (given the GGUF file, or O1JAX_SHARED) smollm2_135m, both with 
 vs the same step (same weights, batch, lengths, losses and AdamW update) written with transformers' PyTorch
 `LlamaForCausalLM`. Each side runs in its own process, compiled / warmed up, and the two are timed in turns over
 `--rounds` rounds of `--steps` steps, more until a round lasts `--round_seconds` (`o1jax.bench.protocol`): step
-time, tokens/s, achieved FLOP/s over the matmul peak measured at start-up (in `--dtype`), peak RSS of each process, the
-speed-up with its spread and a verdict. (Compiling a config's step from shapes alone, e.g. Mistral-7B on 8 fake
+time, tokens/s, achieved FLOP/s over the matmul peak measured at start-up (in `--dtype`), peak RSS of each process,
+the speed-up with its spread and a verdict. (Compiling a config's step from shapes alone, e.g. Mistral-7B on 8 fake
 CPU devices, with XLA's memory analysis: `python -m o1jax.aot --config=... --topology=cpu-8`.)
 """
 from __future__ import annotations
@@ -142,9 +142,9 @@ def pytorch_side(name: str, gguf: str, dtype: str) -> protocol.Workload:
     model_dir = os.path.join(tmp, "model")
     save_hf(model_cfg, params, model_dir)
     del params
-    step = torch_step_fn(model_dir, config, host, autocast_dtype=None if dtype == "float32" else getattr(torch, dtype))
-  return protocol.Workload(run=step, after=_rss_gib, info={"threads": torch.get_num_threads(),
-                                                           "autocast": None if dtype == "float32" else dtype})
+    autocast = None if dtype == "float32" else dtype
+    step = torch_step_fn(model_dir, config, host, autocast_dtype=autocast and getattr(torch, autocast))
+  return protocol.Workload(run=step, after=_rss_gib, info={"threads": torch.get_num_threads(), "autocast": autocast})
 
 
 def main(argv: list[str]) -> None:
@@ -189,8 +189,8 @@ def main(argv: list[str]) -> None:
       print("smollm2_135m skipped: pass --gguf=FILE or set O1JAX_SHARED")
       continue
     sides = tuple(protocol.Side(s, [sys.executable, "-m", "o1jax.bench", "train", f"--worker={s}",
-                                    f"--worker_config={name}", f"--gguf={gguf}", f"--dtype={args.dtype}", f"--steps={args.steps}",
-                                    f"--round_seconds={args.round_seconds}"], env)
+                                    f"--worker_config={name}", f"--gguf={gguf}", f"--dtype={args.dtype}",
+                                    f"--steps={args.steps}", f"--round_seconds={args.round_seconds}"], env)
                   for s in SIDES)
     try:
       result = protocol.compare(sides, args.rounds, load_before=load_before)

@@ -52,6 +52,7 @@ class Projection(nn.Dense):
   """`nn.Dense` (the same parameters; LoRA's interceptor treats it as one) that, traced for a CPU with bfloat16
   compute and float32 weights, multiplies rows [tokens, in] through `_cpu_bf16_matmul`."""
 
+  # Both paths in one body: deferring to `super().__call__` would run method interceptors (LoRA's) twice.
   @nn.compact
   def __call__(self, rows):
     kernel = self.param("kernel", self.kernel_init, (rows.shape[-1], self.features), self.param_dtype)
