@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from o1jax.model import projection
+from o1jax import lora
+from o1jax.model import init_params, projection
 from o1jax.model.config import ModelConfig
 from o1jax.model.decoder import Decoder
 
@@ -80,6 +81,21 @@ def test_all_three_matmuls_of_a_projection_read_bfloat16_on_the_cpu():
       assert ("f32", "f32") in types  # what a plain bfloat16 nn.Dense does
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's kernels")
+def test_bfloat16_weights_multiply_on_the_bfloat16_kernel_too():
+  """Inference in bfloat16 (`o1jax.eval --dtype=bfloat16` loads bfloat16 weights): the product reads bfloat16, is
+  float32 math on those values, and a gradient still flows (XLA's own, in the weights' dtype)."""
+  rng = np.random.default_rng(6)
+  layer, kernel, rows = _projection(rng, jnp.bfloat16, rows_shape=(256, 64), features=128)
+  kernel = kernel.astype(jnp.bfloat16)
+  apply = lambda r, k: layer.apply({"params": {"kernel": k}}, r)
+  out = jax.jit(apply)(rows, kernel)
+  assert out.dtype == jnp.bfloat16 and _ulps(out, _float32_reference(rows, kernel)).max() <= 1
+  assert _dot_operand_types(jax.jit(apply).lower(rows, kernel).compile().as_text()) == [("bf16", "bf16")]
+  grad = jax.grad(lambda k: jnp.sum(apply(rows, k).astype(jnp.float32)))(kernel)
+  assert grad.dtype == jnp.bfloat16 and float(jnp.max(jnp.abs(grad.astype(jnp.float32)))) > 0
+
+
 def test_a_bfloat16_decoder_trains_like_its_float32_twin():
   """The whole model through the CPU projection: bfloat16 compute's loss and gradients stay within bfloat16's
   precision of the float32 model's (same weights)."""
@@ -103,3 +119,38 @@ def test_a_bfloat16_decoder_trains_like_its_float32_twin():
     assert g16.dtype == jnp.float32
     scale = float(jnp.max(jnp.abs(g32))) + 1e-6
     assert float(jnp.max(jnp.abs(g16 - g32))) < 0.05 * scale
+
+
+def test_lora_adapters_on_the_bfloat16_path_are_added_once_and_train_like_float32():
+  """LoRA's interceptor wraps the projection on the CPU bfloat16 path too: its term is added once (a second call
+  would double the adapters' effect) and the adapters' gradients stay within bfloat16's precision of float32's."""
+  cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, dtype="float32")
+  lora_cfg = lora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"))
+  ids = jnp.asarray(np.random.default_rng(4).integers(0, 64, (3, 16)), jnp.int32)
+  positions, mask = jnp.broadcast_to(jnp.arange(16), (3, 16)), jnp.ones((3, 16), jnp.int32)
+  params = init_params(cfg, jax.random.key(0))
+  adapters = jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.full_like(x, 0.05) if p[-1].key == lora.B else x,
+      lora.init(params, lora_cfg, jax.random.key(1)))
+
+  def hidden(dtype, adapted):
+    model = Decoder(cfg.replace(dtype=dtype))
+
+    def fn(a):
+      with lora.applied(lora_cfg.scale, lora_cfg.dropout):
+        tree = lora.with_adapters(params, a) if adapted else params
+        return model.apply({"params": tree}, ids, positions, mask).astype(jnp.float32)
+    return fn
+
+  delta = {dtype: jax.jit(hidden(dtype, True))(adapters) - jax.jit(hidden(dtype, False))(adapters)
+           for dtype in ("float32", "bfloat16")}
+  scale = float(jnp.max(jnp.abs(delta["float32"])))
+  assert scale > 1e-2 and float(jnp.max(jnp.abs(delta["bfloat16"] - delta["float32"]))) < 0.1 * scale
+
+  weights = jnp.asarray(np.random.default_rng(5).standard_normal((3, 16, 32)), jnp.float32)
+  grads = {dtype: jax.jit(jax.grad(lambda a: jnp.sum(hidden(dtype, True)(a) * weights)))(adapters)
+           for dtype in ("float32", "bfloat16")}
+  for g16, g32 in zip(jax.tree.leaves(grads["bfloat16"]), jax.tree.leaves(grads["float32"])):
+    assert g16.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(g16 - g32))) < 0.05 * (float(jnp.max(jnp.abs(g32))) + 1e-6)

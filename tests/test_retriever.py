@@ -76,6 +76,16 @@ def test_docs_and_no_thought_queries_match_transformers(retriever, hf_embed):
   np.testing.assert_allclose(queries, hf_embed([s[0] for s in retriever.query_sequences(QUERIES)]), atol=2e-5)
 
 
+def test_bfloat16_inference_stays_near_float32(model_dir, retriever):
+  """`--dtype=bfloat16` (bfloat16 weights and compute; on a CPU through the projections' bfloat16 kernel): the
+  unit vectors stay within bfloat16's precision of float32's, and come back as float32."""
+  half = Retriever.from_pretrained(model_dir, dtype="bfloat16", tokens_per_batch=512)
+  assert half.cfg.dtype == "bfloat16"
+  docs16, docs32 = half.encode_docs(DOCS), retriever.encode_docs(DOCS)
+  assert docs16.dtype == np.float32 and docs16.shape == docs32.shape
+  assert np.min(np.sum(docs16 * docs32, axis=1)) > 0.99
+
+
 def test_thoughts_are_generated_ids_appended_without_retokenizing(retriever):
   s = retriever.special
   thoughts = retriever.think(QUERIES, k=3, temperature=1.0, max_new_tokens=6, rng=7)

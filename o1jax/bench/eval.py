@@ -1,7 +1,7 @@
 """Retrieval benchmark: ScaNN vs exact search (QPS, recall@k), corpus encoding docs/s and query latency.
 
   python -m o1jax.bench eval [--dataset=DIR] [--synthetic_docs=100000] [--queries=1000] [--k=100]
-      [--checkpoint=PATH [--latency_queries=20] [--think=3] [--max_new_tokens=128]] [--json=PATH]
+      [--checkpoint=PATH [--latency_queries=20] [--think=3] [--max_new_tokens=128] [--dtype=float32]] [--json=PATH]
 
 With --checkpoint (an exported HF directory or an o1jax checkpoint), the o1jax model's SciFact corpus encoding
 rate (first pass with compilation, then steady) and the latency of one query at a time, p50/p95, with and
@@ -67,13 +67,15 @@ def compare(name: str, docs: np.ndarray, queries: np.ndarray, k: int,
   return result
 
 
-def o1jax_speed(checkpoint: str, texts: list[str], queries: list[str], think: int, max_new_tokens: int) -> None:
+def o1jax_speed(checkpoint: str, texts: list[str], queries: list[str], think: int, max_new_tokens: int,
+                dtype: str = "float32") -> None:
   from o1jax.retrieval.retriever import Retriever, Sampling
-  retriever = Retriever.from_pretrained(checkpoint, fingerprint=None)  # no cache: time the model
+  retriever = Retriever.from_pretrained(checkpoint, dtype=dtype, fingerprint=None)  # no cache: time the model
   first_s = _timed(lambda: retriever.encode_docs(texts))
   steady_s = _timed(lambda: retriever.encode_docs(texts))
-  print(f"o1jax corpus encoding ({checkpoint}, {retriever.embedder.shards} devices): {len(texts) / steady_s:.1f} "
-        f"docs/s steady, {len(texts) / first_s:.1f} docs/s first pass with compilation ({len(texts)} SciFact docs)")
+  print(f"o1jax corpus encoding ({checkpoint}, {dtype}, {retriever.embedder.shards} devices): "
+        f"{len(texts) / steady_s:.1f} docs/s steady, {len(texts) / first_s:.1f} docs/s first pass with compilation "
+        f"({len(texts)} SciFact docs)")
   sampling = Sampling(max_new_tokens=max_new_tokens)
   for k in (0, think):
     for q in queries:  # warm-up: compile every length bucket these queries land in
@@ -97,6 +99,8 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--checkpoint", help="o1jax model (exported HF dir or o1jax checkpoint) to time")
   parser.add_argument("--latency_queries", type=int, default=20)
   parser.add_argument("--think", type=int, default=3)
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                      help="the o1jax model's weights and compute (as `python -m o1jax.eval --dtype`)")
   parser.add_argument("--max_new_tokens", type=int, default=128)
   parser.add_argument("--skip_search", action="store_true", help="only the encoding and latency measurements")
   parser.add_argument("--json", default="", help="write the search comparisons and the machine here")
@@ -132,7 +136,7 @@ def run(args) -> dict[str, dict]:
         f"max_seq_length {encoder.max_seq_length}, torch CPU)")
   if args.checkpoint:
     o1jax_speed(args.checkpoint, sample, list(dataset.queries.values())[:args.latency_queries], args.think,
-                args.max_new_tokens)
+                args.max_new_tokens, args.dtype)
   if not args.skip_search:
     results["SciFact MiniLM"] = compare("SciFact MiniLM", cached_doc_encoder(encoder)(texts),
                                         encoder.encode(list(dataset.queries.values())), args.k)

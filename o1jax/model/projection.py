@@ -6,7 +6,8 @@ its last, contiguous axis. A plain bfloat16 `dot_general` writes bfloat16, and t
 over the tokens (the first axis of both operands), so XLA converts to float32 and runs the float32 kernel for all
 three matmuls of a projection. Here the forward and the input gradient are written in float32 and rounded, the
 weight gradient reads the activations transposed in memory and reaches the float32 weights without rounding.
-Same products and float32 sums as XLA's own. Elsewhere (GPUs, TPUs, other dtypes) it is `nn.Dense`.
+With bfloat16 weights (inference) the product is written in float32 and rounded. Same products and float32 sums as
+XLA's own. Elsewhere (GPUs, TPUs, other dtypes) it is `nn.Dense`.
 """
 from __future__ import annotations
 
@@ -50,16 +51,20 @@ _cpu_bf16_matmul.defvjp(_forward, _backward)
 
 class Projection(nn.Dense):
   """`nn.Dense` (the same parameters; LoRA's interceptor treats it as one) that, traced for a CPU with bfloat16
-  compute and float32 weights, multiplies rows [tokens, in] through `_cpu_bf16_matmul`."""
+  compute, multiplies rows [tokens, in] through `_cpu_bf16_matmul` (float32 weights) or writes the product in
+  float32 (bfloat16 weights, as `o1jax.eval --dtype=bfloat16` loads them)."""
 
   # Both paths in one body: deferring to `super().__call__` would run method interceptors (LoRA's) twice.
   @nn.compact
   def __call__(self, rows):
     kernel = self.param("kernel", self.kernel_init, (rows.shape[-1], self.features), self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-    if (rows.ndim == 2 and jnp.dtype(self.dtype) == jnp.bfloat16 and kernel.dtype == jnp.float32
-        and traced_platform() == "cpu"):
-      out = _cpu_bf16_matmul(rows.astype(jnp.bfloat16), kernel)
+    if rows.ndim == 2 and jnp.dtype(self.dtype) == jnp.bfloat16 and traced_platform() == "cpu":
+      rows = rows.astype(jnp.bfloat16)
+      if kernel.dtype == jnp.float32:
+        out = _cpu_bf16_matmul(rows, kernel)
+      else:  # bfloat16 weights (bfloat16 inference): the kernel takes the product only when written in float32
+        out = _float32_product(rows, kernel.astype(jnp.bfloat16), _ROWS_BY_KERNEL).astype(jnp.bfloat16)
       return out if bias is None else out + bias.astype(out.dtype)
     rows, kernel, bias = self.promote_dtype(rows, kernel, bias, dtype=self.dtype)
     out = lax.dot_general(rows, kernel, (((rows.ndim - 1,), (0,)), ((), ())), precision=self.precision)
