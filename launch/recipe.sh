@@ -5,7 +5,7 @@
 #   launch/recipe.sh [--preset=scifact|cosqa|scifact-gpu] [--shared=../shared] [--out=runs/PRESET] [--dataset=DIR]
 #                    [--train_split=NAME] [--test_split=NAME] [--doc_tokens=N] [--limit=N] [--shards=8] [--steps=N]
 #                    [--max_queries=N] [--examples=N] [--candidates=K] [--thought_tokens=N] [--thought_drop=R]
-#                    [--w_gen=W] [--reuse=RUN] [--dry-run] [-- TRAINER_OVERRIDES...]
+#                    [--w_gen=W] [--dtype=float32|bfloat16] [--reuse=RUN] [--dry-run] [-- TRAINER_OVERRIDES...]
 #
 # Presets (the options above override them):
 #   scifact  SHARED/data/beir-scifact: qrels/train.tsv (809 queries) trains, qrels/test.tsv (300) evaluates;
@@ -45,7 +45,9 @@
 # of other train queries per prompt, in synthesis and in the diagnosis alike), --candidates (k, for the committee to
 # choose from), --thought_tokens (the longest thought written, cloned and generated); --thought_drop sets how often
 # (a) trains a query without its thought (the config's 0.1 by default; (b) always drops it), --w_gen the weight of
-# (a)'s behaviour-cloning loss (the config's 0.2; (b) has none). Give a lever run its own --out. OUT/stages/settings
+# (a)'s behaviour-cloning loss (the config's 0.2; (b) has none). --dtype=bfloat16 computes both trainings (float32
+# weights and AdamW) and every evaluation in bfloat16 (on a CPU with avx512_bf16, through XLA:CPU's bfloat16 kernel);
+# the expert writes as before. Give a lever run its own --out. OUT/stages/settings
 # records what the results depend on, and a run refuses an OUT made with other settings. --reuse=RUN links the
 # stages a lever of (a) alone (--thought_drop, --w_gen) leaves unchanged from RUN, made with
 # the same settings otherwise: thoughts, convert, untrained, train_contrastive and contrastive; the report names
@@ -59,7 +61,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 preset=scifact shared=../shared out="" dataset="" train_split="" test_split="" doc_tokens=""
 limit="" shards=8 steps="" max_queries=0 examples_option="" candidates_option="" thought_tokens_option=""
-thought_drop="" w_gen="" reuse=""
+thought_drop="" w_gen="" dtype="" reuse=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --preset=*) preset="${1#*=}" ;;
@@ -78,6 +80,7 @@ while [[ $# -gt 0 ]]; do
     --thought_tokens=*) thought_tokens_option="${1#*=}" ;;
     --thought_drop=*) thought_drop="${1#*=}" ;;
     --w_gen=*) w_gen="${1#*=}" ;;
+    --dtype=*) dtype="${1#*=}" ;;
     --reuse=*) reuse="${1#*=}" ;;
     --dry-run) export O1_DRY_RUN=1 ;;
     --) shift; break ;;
@@ -124,6 +127,8 @@ done
   echo "recipe.sh: --thought_drop=$thought_drop: not a number from 0 to 1" >&2; exit 2; }
 [[ -z "$w_gen" || "$w_gen" =~ ^[0-9]+(\.[0-9]+)?$ ]] || {
   echo "recipe.sh: --w_gen=$w_gen: not a non-negative number" >&2; exit 2; }
+[[ -z "$dtype" || "$dtype" == float32 || "$dtype" == bfloat16 ]] || {
+  echo "recipe.sh: --dtype=$dtype: expected float32 or bfloat16" >&2; exit 2; }
 # The diagnosis draws the expert's examples from the train split, as synthesis did: test pairs would be labels.
 example_split=()
 (( examples == 0 )) || example_split=(--example_split="$train_split")
@@ -143,7 +148,7 @@ max_queries=$max_queries
 examples=$examples
 candidates=$candidates
 thought_tokens=$thought_tokens
-trainer_overrides=$*
+trainer_overrides=$*${dtype:+${newline}dtype=$dtype}
 thought_drop=${thought_drop:-config}${w_gen:+${newline}w_gen=$w_gen}"
 # The first setting of file $1 that differs from this run's, as "its 'A', this run's 'B'"; nothing when they agree
 # (on every line before thought_drop with $2 = reuse).
@@ -204,13 +209,14 @@ stage() {
 }
 
 # Evaluation cuts documents as training does: METHOD's 512 tokens would take over an hour per model here.
-eval_args=(--dataset="$dataset" --split="$test_split" --doc_tokens="$doc_tokens" --max_queries="$max_queries")
+eval_args=(--dataset="$dataset" --split="$test_split" --doc_tokens="$doc_tokens" --max_queries="$max_queries"
+           ${dtype:+--dtype="$dtype"})
 # Both arms share every trainer option but the objective, so they differ only in the thoughts. Synthesis names its
 # shards after the split it read.
 train_args=(--config="$O1_LAUNCH_DIR/../configs/smollm2_135m_scifact.py$variant" --config.model.path="$gguf"
             --config.data.train_files="('$out/thoughts/$train_split-*.tfrecord',)"
             --config.train.lengths.doc="$train_doc_tokens"
-            ${steps:+--config.train.steps="$steps"})
+            ${steps:+--config.train.steps="$steps"} ${dtype:+--config.model.dtype="$dtype"})
 
 stage thoughts python -m data_tools.synthesize --dataset="$dataset" --split="$train_split" --out="$out/thoughts" \
   --num_shards="$shards" --expert=local --model="$gguf" --members=bm25,st --k="$candidates" \

@@ -205,7 +205,8 @@ def test_missing_shared_data_is_named(tmp_path):
                                              ("--candidates=0", "--candidates=0: not a positive integer"),
                                              ("--thought_tokens=x", "--thought_tokens=x: not a positive integer"),
                                              ("--thought_drop=1.5", "--thought_drop=1.5: not a number from 0 to 1"),
-                                             ("--w_gen=-1", "--w_gen=-1: not a non-negative number")])
+                                             ("--w_gen=-1", "--w_gen=-1: not a non-negative number"),
+                                             ("--dtype=float16", "--dtype=float16: expected float32 or bfloat16")])
 def test_bad_options_are_named(shared_dir, tmp_path, option, message):
   proc = subprocess.run(["bash", "launch/recipe.sh", f"--shared={shared_dir}", f"--out={tmp_path}", option],
                         cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60)
@@ -289,6 +290,35 @@ def test_the_experts_levers_reach_synthesis_and_the_diagnosis(shared_dir, tmp_pa
   preset = commands()
   assert {"--k=2", "--num_examples=0", "--max_new_tokens=40"} <= preset[0] and "--num_examples=0" in preset[7]
   assert not any(a.startswith("--example_split") for a in preset[7])
+
+
+def test_bfloat16_reaches_both_trainings_and_every_evaluation(shared_dir, tmp_path):
+  """--dtype=bfloat16, dry: both trainings compute in bfloat16 (their configs validate, weights stay float32), every
+  o1jax.eval stage loads the model in bfloat16, and the expert's stages are as without it; without it no command
+  names a dtype (the preset's configs and evaluation defaults decide, as before the option)."""
+  def commands(*options):
+    proc = subprocess.run(["bash", "launch/recipe.sh", f"--shared={shared_dir}", f"--out={tmp_path / 'run'}",
+                           *options, "--dry-run"], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+  half, default = commands("--dtype=bfloat16"), commands()
+  assert [c[2] for c in half] == [c[2] for c in default]
+  for ours, theirs in zip(half, default):
+    added = set(ours) - set(theirs)
+    if ours[2] == "o1jax.eval":
+      assert added == {"--dtype=bfloat16"}
+    elif ours[2] == "o1jax.train":
+      assert added == {"--config.model.dtype=bfloat16"}
+    else:
+      assert ours == theirs
+  assert not any("dtype" in a for c in default for a in c)
+  (tmp_path / "run" / "thoughts").mkdir(parents=True)
+  (tmp_path / "run" / "thoughts" / shard_name("train", 0, 1)).write_bytes(b"")
+  for training in (c for c in half if c[2] == "o1jax.train"):
+    config = o1config.load([a for a in training[3:] if a.startswith("--config")])
+    assert o1config.validate(config, device_count=1) == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert (config.model.dtype, config.model.param_dtype) == ("bfloat16", "float32")
 
 
 def test_config_validates_with_the_shared_model(smollm2_gguf, tmp_path):
