@@ -59,12 +59,13 @@ class Projection(nn.Dense):
   def __call__(self, rows):
     kernel = self.param("kernel", self.kernel_init, (rows.shape[-1], self.features), self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-    if rows.ndim == 2 and jnp.dtype(self.dtype) == jnp.bfloat16 and traced_platform() == "cpu":
+    if (rows.ndim == 2 and jnp.dtype(self.dtype) == jnp.bfloat16 and kernel.dtype in (jnp.float32, jnp.bfloat16)
+        and traced_platform() == "cpu"):
       rows = rows.astype(jnp.bfloat16)
       if kernel.dtype == jnp.float32:
         out = _cpu_bf16_matmul(rows, kernel)
-      else:  # bfloat16 weights (bfloat16 inference): the kernel takes the product only when written in float32
-        out = _float32_product(rows, kernel.astype(jnp.bfloat16), _ROWS_BY_KERNEL).astype(jnp.bfloat16)
+      else:  # bfloat16 weights (inference): XLA:CPU multiplies bfloat16 on its fast kernel only into float32
+        out = _float32_product(rows, kernel, _ROWS_BY_KERNEL).astype(jnp.bfloat16)
       return out if bias is None else out + bias.astype(out.dtype)
     rows, kernel, bias = self.promote_dtype(rows, kernel, bias, dtype=self.dtype)
     out = lax.dot_general(rows, kernel, (((rows.ndim - 1,), (0,)), ((), ())), precision=self.precision)
