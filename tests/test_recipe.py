@@ -37,6 +37,19 @@ def recipe(shared_dir, out, dataset, *options) -> subprocess.CompletedProcess:
       cwd=ROOT, env=clean_env(O1JAX_CACHE=str(out / "cache")), capture_output=True, text=True, timeout=1200)
 
 
+def printed_commands(proc: subprocess.CompletedProcess) -> list[list[str]]:
+  """The commands a dry run printed ("+ " lines), split as the shell would."""
+  return [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+
+
+def dry_run(shared_dir, out, *options) -> list[list[str]]:
+  """The commands launch/recipe.sh with `options` would run (it must accept them)."""
+  proc = subprocess.run(["bash", "launch/recipe.sh", f"--shared={shared_dir}", f"--out={out}", *options, "--dry-run"],
+                        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  return printed_commands(proc)
+
+
 @pytest.fixture(scope="module")
 def quick_run(shared_dir, tmp_path_factory):
   dataset = tmp_path_factory.mktemp("data") / "scifact"
@@ -169,7 +182,7 @@ def test_a_lever_of_a_alone_trains_only_a_and_other_settings_are_refused(quick_r
   proc = recipe(shared_dir, tmp_path / "drop", dataset, f"--reuse={out}", "--thought_drop=0.5", "--w_gen=1.0",
                 "--dry-run")
   assert proc.returncode == 0, proc.stderr
-  commands = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+  commands = printed_commands(proc)
   trainings = [c for c in commands if c[:3] == ["python", "-m", "o1jax.train"]]
   assert len(trainings) == 1
   assert trainings[0][-2:] == ["--config.train.thought_drop=0.5", "--config.train.w_gen=1.0"]
@@ -215,10 +228,7 @@ def test_bad_options_are_named(shared_dir, tmp_path, option, message):
 
 def test_cosqa_preset_trains_on_dev_and_evaluates_on_test(shared_dir, tmp_path):
   out = tmp_path / "run"
-  proc = subprocess.run(["bash", "launch/recipe.sh", "--preset=cosqa", f"--shared={shared_dir}", f"--out={out}",
-                         "--dry-run"], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60)
-  assert proc.returncode == 0, proc.stderr
-  commands = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+  commands = dry_run(shared_dir, out, "--preset=cosqa")
   modules = [c[2] for c in commands]
   assert modules == ["data_tools.synthesize", "o1jax.convert", "o1jax.eval", "o1jax.train", "o1jax.eval", "o1jax.train",
                      "o1jax.eval", "data_tools.diagnose", "o1jax.eval"] + ["o1jax.eval.compare"] * 4 + ["launch.report"]
@@ -249,11 +259,7 @@ def test_scifact_gpu_preset_keeps_methods_lengths(shared_dir, tmp_path):
   15 negatives), documents at 192 tokens in training and 512 in evaluation, the config's ':gpu' variant; both
   trainings validate and still differ only in the objective. (Run for real on a subset: README, "The recipe".)"""
   out = tmp_path / "run"
-  proc = subprocess.run(["bash", "launch/recipe.sh", "--preset=scifact-gpu", f"--shared={shared_dir}",
-                         f"--out={out}", "--dry-run"], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
-                        timeout=60)
-  assert proc.returncode == 0, proc.stderr
-  commands = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+  commands = dry_run(shared_dir, out, "--preset=scifact-gpu")
   assert {"--k=3", "--num_examples=3", "--max_new_tokens=128", "--num_negatives=15", "--split=train"} <= set(commands[0])
   for evaluation in (commands[2], commands[4], commands[6], commands[8]):
     assert {"--split=test", "--doc_tokens=512"} <= set(evaluation)
@@ -278,11 +284,7 @@ def test_the_experts_levers_reach_synthesis_and_the_diagnosis(shared_dir, tmp_pa
   is the one the diagnosis asks, and the trained model thinks as long as the thoughts it cloned; a zero-shot run
   names no example split."""
   def commands(*levers):
-    proc = subprocess.run(["bash", "launch/recipe.sh", f"--shared={shared_dir}", f"--out={tmp_path / 'run'}",
-                           *levers, "--dry-run"], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return [set(shlex.split(line[2:])) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+    return [set(c) for c in dry_run(shared_dir, tmp_path / "run", *levers)]
   lever = commands("--examples=3", "--candidates=4", "--thought_tokens=64")
   assert {"--k=4", "--num_examples=3", "--max_new_tokens=64", "--split=train"} <= lever[0]
   assert {"--k=4", "--num_examples=3", "--example_split=train", "--max_new_tokens=64", "--split=test"} <= lever[7]
@@ -296,13 +298,7 @@ def test_bfloat16_reaches_both_trainings_and_every_evaluation(shared_dir, tmp_pa
   """--dtype=bfloat16, dry: both trainings compute in bfloat16 (their configs validate, weights stay float32), every
   o1jax.eval stage loads the model in bfloat16, and the expert's stages are as without it; without it no command
   names a dtype (the preset's configs and evaluation defaults decide, as before the option)."""
-  def commands(*options):
-    proc = subprocess.run(["bash", "launch/recipe.sh", f"--shared={shared_dir}", f"--out={tmp_path / 'run'}",
-                           *options, "--dry-run"], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
-  half, default = commands("--dtype=bfloat16"), commands()
+  half, default = dry_run(shared_dir, tmp_path / "run", "--dtype=bfloat16"), dry_run(shared_dir, tmp_path / "run")
   assert [c[2] for c in half] == [c[2] for c in default]
   for ours, theirs in zip(half, default):
     added = set(ours) - set(theirs)
