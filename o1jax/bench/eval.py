@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from o1jax.bench import protocol
+from o1jax.model.config import COMPUTE_DTYPES
 from o1jax.retrieval import search
 
 
@@ -99,7 +100,7 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--checkpoint", help="o1jax model (exported HF dir or o1jax checkpoint) to time")
   parser.add_argument("--latency_queries", type=int, default=20)
   parser.add_argument("--think", type=int, default=3)
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+  parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
                       help="the o1jax model's weights and compute (as `python -m o1jax.eval --dtype`)")
   parser.add_argument("--max_new_tokens", type=int, default=128)
   parser.add_argument("--skip_search", action="store_true", help="only the encoding and latency measurements")

@@ -21,6 +21,7 @@ import sys
 from o1jax import tokenizer as tokenizers
 from o1jax.convert import hf
 from o1jax.convert.gguf import load_gguf
+from o1jax.model.config import DTYPES
 
 
 PROG = "python -m o1jax.convert"
@@ -35,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
   hf_cmd.add_argument("--hf", required=True, help="HF directory with config.json, safetensors and tokenizer")
   for cmd in (gguf_cmd, hf_cmd):
     cmd.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    cmd.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    cmd.add_argument("--dtype", default="float32", choices=DTYPES,
                      help="dtype of the exported tensors")
     cmd.add_argument("--add-special-tokens", action="store_true",
                      help="add <query> </query> <thought> <emb> and resize embeddings / LM head")

@@ -49,6 +49,7 @@ from o1jax.data.readers import BeirDataset
 from o1jax.eval import baselines, dataset_spec, evaluation, retriever_eval, suites, thoughts_file
 from o1jax.eval.thoughts_file import QueryThoughts
 from o1jax.files import atomic_write_json
+from o1jax.model.config import COMPUTE_DTYPES
 from o1jax.http_json import RequestError
 from o1jax.retrieval.remote_generator import CompletionsGenerator
 from o1jax.retrieval.retriever import EVAL_LENGTHS, Retriever, Sampling
@@ -83,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--drop_self_hits", action="store_true", help="never retrieve a doc whose id is the query id")
   p.add_argument("--per_query", action="store_true", help="print every query's metrics")
   p.add_argument("--cache_dir", default=None, help="document-embedding cache")
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES)
   p.add_argument("--doc_tokens", type=int, default=EVAL_LENGTHS.doc,
                  help="o1jax document length in tokens, <emb> included (METHOD: 512)")
   p.add_argument("--think_url", default=None,

@@ -15,6 +15,9 @@ FAMILIES = ("llama", "mistral", "qwen2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
+# What the inference and benchmark CLIs compute in: float16 only stores weights here (conversion, export, a
+# config's param_dtype), as no CPU kernel computes in it.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 # How the model runs rather than what it is: not in a checkpoint's Hugging Face config, set by config.model.<name>
 # whatever the weights' source.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention", "unroll_layers")

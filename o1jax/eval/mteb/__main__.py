@@ -27,6 +27,7 @@ from o1jax.eval import evaluation, retriever_eval
 from o1jax.eval.mteb import local_task
 from o1jax.eval.mteb_encoder import O1jaxEncoder
 from o1jax.files import atomic_write_json
+from o1jax.model.config import COMPUTE_DTYPES
 from o1jax.retrieval.retriever import EVAL_LENGTHS, Sampling
 from o1jax.templates import DOC_TEMPLATE_TOKENS
 
@@ -43,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
                  help="thoughts per query, or 'off' (the default)")
   retriever_eval.add_sampling_options(p)
   p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same thoughts")
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES)
   p.add_argument("--doc_tokens", type=int, default=EVAL_LENGTHS.doc,
                  help="document length in tokens, <emb> included (METHOD: 512)")
   p.add_argument("--batch_size", type=int, default=32, help="mteb's batch size (each encode call is embedded whole)")
