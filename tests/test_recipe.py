@@ -26,6 +26,7 @@ pytestmark = pytest.mark.e2e
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "launch" / "results" / "scifact"
+COSQA = ROOT / "launch" / "results" / "cosqa"
 ROWS = ["trained, think=3", "trained, no thinking", "trained, thoughts=expert", "trained, thoughts=expert-chosen",
         "trained, thoughts=oracle", "contrastive-only, no thinking", "untrained, no thinking", "BM25", "MiniLM-L6-v2"]
 
@@ -339,13 +340,12 @@ def test_committed_results_are_the_reports_rendering_and_in_the_readme():
 
 
 def test_committed_cosqa_results_are_the_reports_rendering_and_in_the_readme():
-  cosqa = ROOT / "launch" / "results" / "cosqa"
-  results = report.collect(cosqa)
+  results = report.collect(COSQA)
   assert list(results.rows) == ROWS and list(results.stage_seconds) == list(report.STAGE_ORDER)
   assert len(results.comparisons) == 4 and all(c["queries"] == 500 for c in results.comparisons)
   assert results.quality["queries"] == 500
   markdown = report.render_markdown(results)
-  assert (cosqa / "results.md").read_text() == markdown
+  assert (COSQA / "results.md").read_text() == markdown
   assert markdown in (ROOT / "README.md").read_text()
 
 
@@ -370,11 +370,10 @@ def test_report_names_bad_input(tmp_path):
 def test_lever_table_sets_runs_side_by_side_from_their_own_files(capsys):
   """`python -m launch.report --lever=NAME=DIR ...`: each row's figures are that run's table rows, its paired
   comparisons (mean difference and randomization p) and its diagnosis, as their own files hold them."""
-  cosqa = ROOT / "launch" / "results" / "cosqa"
-  assert report.main([f"--lever=scifact={RESULTS}", f"--lever=cosqa={cosqa}"]) is None
+  assert report.main([f"--lever=scifact={RESULTS}", f"--lever=cosqa={COSQA}"]) is None
   table = capsys.readouterr().out.splitlines()
   assert len(table) == 4 and table[2].startswith("| scifact | ") and table[3].startswith("| cosqa | ")
-  for line, run in zip(table[2:], (RESULTS, cosqa)):
+  for line, run in zip(table[2:], (RESULTS, COSQA)):
     summary = json.loads((run / "eval" / "trained" / "summary.json").read_text())["metrics"]
     versus = json.loads((run / "eval" / "trained" / "compare-contrastive-only.json").read_text())
     quality = json.loads((run / "diagnosis" / "quality.json").read_text())["sources"]
@@ -389,29 +388,49 @@ def test_lever_table_sets_runs_side_by_side_from_their_own_files(capsys):
 
 LEVERS = RESULTS / "levers"
 
+# The README's lever tables, one per dataset: name -> (the run under launch/results, the run it reused the expert's
+# thoughts, the untrained row and (b) from, for levers of (a) alone). The first of each is the recipe's own run.
+LEVER_TABLES = {
+    "scifact": {"recipe (zero-shot)": (RESULTS, None),
+                "3 in-context examples": (LEVERS / "examples-3", None),
+                "3 in-context examples, thought drop 0.5": (LEVERS / "examples-3-drop-0.5", "runs/scifact-examples3"),
+                "4 candidates": (LEVERS / "candidates-4", None),
+                "4 candidates, w_gen 1.0": (LEVERS / "candidates-4-w_gen-1", "runs/scifact-candidates4"),
+                "4 candidates, w_gen 1.0, thought drop 0.5": (LEVERS / "candidates-4-w_gen-1-drop-0.5",
+                                                              "runs/scifact-candidates4")},
+    "cosqa": {"recipe (float32)": (COSQA, None),
+              "bfloat16": (COSQA / "levers" / "bfloat16", None),
+              "bfloat16, w_gen 1.0": (COSQA / "levers" / "bfloat16-w_gen-1", "runs/cosqa-bfloat16")},
+}
 
-# The README's lever table: name -> the run under launch/results/scifact (the first is the recipe's own run).
-LEVER_RUNS = {"recipe (zero-shot)": RESULTS, "3 in-context examples": LEVERS / "examples-3",
-              "3 in-context examples, thought drop 0.5": LEVERS / "examples-3-drop-0.5",
-              "4 candidates": LEVERS / "candidates-4", "4 candidates, w_gen 1.0": LEVERS / "candidates-4-w_gen-1",
-              "4 candidates, w_gen 1.0, thought drop 0.5": LEVERS / "candidates-4-w_gen-1-drop-0.5"}
-# Levers of (a) alone, and the run each reused the rest from.
-REUSED_FROM = {"3 in-context examples, thought drop 0.5": "runs/scifact-examples3",
-               "4 candidates, w_gen 1.0": "runs/scifact-candidates4",
-               "4 candidates, w_gen 1.0, thought drop 0.5": "runs/scifact-candidates4"}
 
-
-def test_committed_lever_runs_are_the_reports_rendering_and_their_table_is_in_the_readme():
-  """The lever runs under launch/results/scifact/levers (README "Levers") render as committed, the levers of (a)
-  alone reused the expert's thoughts, the untrained row and (b), every (b) is the same model (it never sees a
-  thought), and the README's lever table is what the report prints for them."""
-  runs = {name: report.collect(run) for name, run in LEVER_RUNS.items()}
-  for name, run in list(LEVER_RUNS.items())[1:]:
+@pytest.mark.parametrize("dataset", LEVER_TABLES)
+def test_committed_lever_runs_are_the_reports_rendering_and_their_table_is_in_the_readme(dataset):
+  """The lever runs under launch/results/<dataset>/levers (README "Levers") render as committed, the levers of (a)
+  alone reused the expert's thoughts, the untrained row and (b), and the README's lever table is what the report
+  prints for them."""
+  levers = LEVER_TABLES[dataset]
+  runs = {name: report.collect(run) for name, (run, _) in levers.items()}
+  for name, (run, reused_from) in list(levers.items())[1:]:
     assert list(runs[name].rows) == ROWS and len(runs[name].comparisons) == 4
     assert (run / "results.md").read_text() == report.render_markdown(runs[name])
-    assert runs[name].reused == ({stage: REUSED_FROM[name] for stage in REUSABLE} if name in REUSED_FROM else {})
-  assert len({str(r.rows["contrastive-only, no thinking"]) for r in runs.values()}) == 1
+    assert runs[name].reused == ({stage: reused_from for stage in REUSABLE} if reused_from else {})
   assert report.render_levers(runs) in (ROOT / "README.md").read_text()
+
+
+def test_cosqa_bfloat16_run_trained_on_the_float32_runs_thoughts():
+  """The CoSQA runs in float32 and bfloat16 differ only in how the model computes: the expert (not an o1jax model)
+  wrote the same training shards for both, byte for byte."""
+  shards = [json.loads((run / "thoughts" / "manifest.json").read_text())["shards"]
+            for run in (COSQA, COSQA / "levers" / "bfloat16")]
+  assert len(shards[0]) == 8 and shards[0] == shards[1]
+
+
+def test_every_scifact_lever_trained_the_same_contrastive_only_model():
+  """(b) never sees a thought, so every SciFact lever run's (b), whether trained anew from its own shards with every
+  thought dropped or reused, is the same model to the last digit."""
+  runs = [report.collect(run) for run, _ in LEVER_TABLES["scifact"].values()]
+  assert len({str(r.rows["contrastive-only, no thinking"]) for r in runs}) == 1
 
 
 SAMPLING = LEVERS / "sampling"
