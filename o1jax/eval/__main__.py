@@ -49,8 +49,8 @@ from o1jax.data.readers import BeirDataset
 from o1jax.eval import baselines, dataset_spec, evaluation, retriever_eval, suites, thoughts_file
 from o1jax.eval.thoughts_file import QueryThoughts
 from o1jax.files import atomic_write_json
-from o1jax.model.config import COMPUTE_DTYPES
 from o1jax.http_json import RequestError
+from o1jax.model.config import COMPUTE_DTYPES
 from o1jax.retrieval.remote_generator import CompletionsGenerator
 from o1jax.retrieval.retriever import EVAL_LENGTHS, Retriever, Sampling
 from o1jax.templates import DOC_TEMPLATE_TOKENS

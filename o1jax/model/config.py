@@ -15,8 +15,8 @@ FAMILIES = ("llama", "mistral", "qwen2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
-# What the inference and benchmark CLIs compute in: float16 only stores weights here (conversion, export, a
-# config's param_dtype), as no CPU kernel computes in it.
+# What the inference and benchmark CLIs load a model in and compute in. float16 is a storage dtype here
+# (conversion, export, a config's param_dtype): no inference path has been tested or measured in it.
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # How the model runs rather than what it is: not in a checkpoint's Hugging Face config, set by config.model.<name>
 # whatever the weights' source.
