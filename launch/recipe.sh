@@ -5,7 +5,8 @@
 #   launch/recipe.sh [--preset=scifact|cosqa|scifact-gpu] [--shared=../shared] [--out=runs/PRESET] [--dataset=DIR]
 #                    [--train_split=NAME] [--test_split=NAME] [--doc_tokens=N] [--limit=N] [--shards=8] [--steps=N]
 #                    [--max_queries=N] [--examples=N] [--candidates=K] [--thought_tokens=N] [--thought_drop=R]
-#                    [--w_gen=W] [--dtype=float32|bfloat16] [--reuse=RUN] [--dry-run] [-- TRAINER_OVERRIDES...]
+#                    [--w_gen=W] [--seed=N] [--dtype=float32|bfloat16] [--reuse=RUN] [--dry-run]
+#                    [-- TRAINER_OVERRIDES...]
 #
 # Presets (the options above override them):
 #   scifact  SHARED/data/beir-scifact: qrels/train.tsv (809 queries) trains, qrels/test.tsv (300) evaluates;
@@ -45,11 +46,13 @@
 # of other train queries per prompt, in synthesis and in the diagnosis alike), --candidates (k, for the committee to
 # choose from), --thought_tokens (the longest thought written, cloned and generated); --thought_drop sets how often
 # (a) trains a query without its thought (the config's 0.1 by default; (b) always drops it), --w_gen the weight of
-# (a)'s behaviour-cloning loss (the config's 0.2; (b) has none). --dtype=bfloat16 computes both trainings (float32
+# (a)'s behaviour-cloning loss (the config's 0.2; (b) has none), --seed a replicate of (a): its initialisation and
+# data seed (the order, each query's positive, negatives and thought drop) and its thoughts' sampling seed, where
+# (b) keeps the config's 0. --dtype=bfloat16 computes both trainings (float32
 # weights and AdamW) and every evaluation in bfloat16 (on a CPU with avx512_bf16, through XLA:CPU's bfloat16 kernel);
 # the expert writes as before. Give a lever run its own --out. OUT/stages/settings
 # records what the results depend on, and a run refuses an OUT made with other settings. --reuse=RUN links the
-# stages a lever of (a) alone (--thought_drop, --w_gen) leaves unchanged from RUN, made with
+# stages a lever of (a) alone (--thought_drop, --w_gen, --seed) leaves unchanged from RUN, made with
 # the same settings otherwise: thoughts, convert, untrained, train_contrastive and contrastive; the report names
 # them. The diagnosis then takes RUN's expert candidates for the test queries instead of generating them.
 # --limit (train queries), --shards (each shard's last generation batch is padded to 64 prompts), --steps and
@@ -61,7 +64,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 preset=scifact shared=../shared out="" dataset="" train_split="" test_split="" doc_tokens=""
 limit="" shards=8 steps="" max_queries=0 examples_option="" candidates_option="" thought_tokens_option=""
-thought_drop="" w_gen="" dtype="" reuse=""
+thought_drop="" w_gen="" seed="" dtype="" reuse=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --preset=*) preset="${1#*=}" ;;
@@ -80,6 +83,7 @@ while [[ $# -gt 0 ]]; do
     --thought_tokens=*) thought_tokens_option="${1#*=}" ;;
     --thought_drop=*) thought_drop="${1#*=}" ;;
     --w_gen=*) w_gen="${1#*=}" ;;
+    --seed=*) seed="${1#*=}" ;;
     --dtype=*) dtype="${1#*=}" ;;
     --reuse=*) reuse="${1#*=}" ;;
     --dry-run) export O1_DRY_RUN=1 ;;
@@ -127,14 +131,17 @@ done
   echo "recipe.sh: --thought_drop=$thought_drop: not a number from 0 to 1" >&2; exit 2; }
 [[ -z "$w_gen" || "$w_gen" =~ ^[0-9]+(\.[0-9]+)?$ ]] || {
   echo "recipe.sh: --w_gen=$w_gen: not a non-negative number" >&2; exit 2; }
+# jax keys hold 32 bits; ten digits and the bound keep the check in bash's integers.
+[[ -z "$seed" || ( "$seed" =~ ^[0-9]{1,10}$ && 10#$seed -lt 4294967296 ) ]] || {
+  echo "recipe.sh: --seed=$seed: not a whole number below 2**32" >&2; exit 2; }
 [[ -z "$dtype" || "$dtype" == float32 || "$dtype" == bfloat16 ]] || {
   echo "recipe.sh: --dtype=$dtype: expected float32 or bfloat16" >&2; exit 2; }
 # The diagnosis draws the expert's examples from the train split, as synthesis did: test pairs would be labels.
 example_split=()
 (( examples == 0 )) || example_split=(--example_split="$train_split")
 
-# What the stages' results depend on besides the code, one per line; thought_drop and w_gen (last; w_gen only when
-# given, so runs made before it existed keep their settings) change only (a).
+# What the stages' results depend on besides the code, one per line; thought_drop, w_gen and seed (last; the latter
+# two only when given, so runs made before they existed keep their settings) change only (a).
 newline=$'\n'
 settings="preset=$preset
 dataset=$(realpath -m "$dataset")
@@ -149,7 +156,7 @@ examples=$examples
 candidates=$candidates
 thought_tokens=$thought_tokens
 trainer_overrides=$*${dtype:+${newline}dtype=$dtype}
-thought_drop=${thought_drop:-config}${w_gen:+${newline}w_gen=$w_gen}"
+thought_drop=${thought_drop:-config}${w_gen:+${newline}w_gen=$w_gen}${seed:+${newline}seed=$seed}"
 # The first setting of file $1 that differs from this run's, as "its 'A', this run's 'B'"; nothing when they agree
 # (on every line before thought_drop with $2 = reuse).
 differing_setting() {
@@ -229,9 +236,10 @@ stage untrained python -m o1jax.eval --checkpoint="$out/untrained_hf" --think=of
 
 stage train python -m o1jax.train "${train_args[@]}" --config.checkpoint.dir="$out/train" \
   --config.log.jsonl="$out/train_metrics.jsonl" --config.log.tensorboard_dir="$out/tensorboard" "$@" \
-  ${thought_drop:+--config.train.thought_drop="$thought_drop"} ${w_gen:+--config.train.w_gen="$w_gen"}
+  ${thought_drop:+--config.train.thought_drop="$thought_drop"} ${w_gen:+--config.train.w_gen="$w_gen"} \
+  ${seed:+--config.seed="$seed" --config.data.shuffle_seed="$seed"}
 stage trained python -m o1jax.eval --checkpoint="$out/train" --think=3 --max_new_tokens="$thought_tokens" --baselines= \
-  --out="$out/eval/trained" "${eval_args[@]}"
+  --out="$out/eval/trained" "${eval_args[@]}" ${seed:+--seed="$seed"}
 
 # thought_drop=1 empties every thought (batching draws the drop before the positive and negatives, so each query
 # still meets the same documents); w_gen=0 drops the behaviour-cloning loss, which would have no tokens to clone.

@@ -188,6 +188,15 @@ def test_a_lever_of_a_alone_trains_only_a_and_other_settings_are_refused(quick_r
   assert len(trainings) == 1
   assert trainings[0][-2:] == ["--config.train.thought_drop=0.5", "--config.train.w_gen=1.0"]
   assert sum(c[:2] == ["ln", "-sfn"] for c in commands) == sum(map(len, REUSABLE.values()))
+  # A replicate of (a): its training and its thoughts' sampling take the seed, nothing else does.
+  replicate = recipe(shared_dir, tmp_path / "replicate", dataset, f"--reuse={out}", "--w_gen=1.0", "--seed=7",
+                     "--dry-run")
+  assert replicate.returncode == 0, replicate.stderr
+  seeds = ("--seed=", "--config.seed=", "--config.data.shuffle_seed=")
+  seeded = [c for c in printed_commands(replicate) if any(arg.startswith(seeds) for arg in c)]
+  assert [c[2] for c in seeded] == ["o1jax.train", "o1jax.eval"]
+  assert seeded[0][-3:] == ["--config.train.w_gen=1.0", "--config.seed=7", "--config.data.shuffle_seed=7"]
+  assert seeded[1][-1] == "--seed=7" and "--think=3" in seeded[1]
   # Anything else that changes a reused stage's results is a different run: named, and nothing runs.
   for options, where in (([f"--reuse={out}", "--examples=3"], f"--reuse={out}"), (["--candidates=3"], f"--out={out}")):
     target = tmp_path / "other" if options[0].startswith("--reuse") else out
@@ -220,6 +229,8 @@ def test_missing_shared_data_is_named(tmp_path):
                                              ("--thought_tokens=x", "--thought_tokens=x: not a positive integer"),
                                              ("--thought_drop=1.5", "--thought_drop=1.5: not a number from 0 to 1"),
                                              ("--w_gen=-1", "--w_gen=-1: not a non-negative number"),
+                                             ("--seed=-1", "--seed=-1: not a whole number below 2**32"),
+                                             ("--seed=4294967296", "--seed=4294967296: not a whole number below"),
                                              ("--dtype=float16", "--dtype=float16: expected float32 or bfloat16")])
 def test_bad_options_are_named(shared_dir, tmp_path, option, message):
   proc = subprocess.run(["bash", "launch/recipe.sh", f"--shared={shared_dir}", f"--out={tmp_path}", option],
