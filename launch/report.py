@@ -1,6 +1,8 @@
 """`python -m launch.report --run=DIR [--out=DIR]`: a recipe run's results as one table and one figure.
 `python -m launch.report --lever=NAME=DIR --lever=NAME=DIR ...`: several runs of the recipe (a lever each) side by
 side in one table, nDCG@10, on the same test queries.
+`python -m launch.report --run=DIR --publish=DIR`: copies what the report reads from a run (through the links
+`recipe.sh --reuse` made) into a folder of its own and renders it there, as `launch/results` holds each run.
 `python -m launch.report --comparisons JSON ...`: paired comparisons made outside a run (e.g. a run's checkpoint
 evaluated with other sampling) as the run's report shows its own.
 
@@ -24,12 +26,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 
-from o1jax.files import atomic_write_text
+from o1jax.files import atomic_write_text, publish_directory
 
 MEASURES = (("ndcg@10", "nDCG@10"), ("mrr@10", "MRR@10"), ("recall@100", "Recall@100"))
 STAGE_ORDER = ("thoughts", "convert", "untrained", "train", "trained", "train_contrastive", "contrastive", "diagnose",
@@ -47,6 +51,12 @@ SOURCES = {"query": "the query text itself, as if it were the thought",
            "trained": "the trained model's own thoughts, the 3 per query it was evaluated with",
            "oracle": "the first words of a relevant document: an upper bound, not a system"}
 EXAMPLES = 3  # queries whose thoughts the report shows verbatim
+# What a published run keeps: every file the report reads, and the shards' manifest (which training data it was).
+# Not the checkpoints, embeddings, shards or the expert's candidates: large, and no figure is read from them.
+PUBLISHED = ("stages/*", "eval/*/summary.json", "eval/*/compare-*.json", "eval/trained/o1jax_think_3.thoughts.jsonl",
+             "diagnosis/quality.json", "diagnosis/expert.thoughts.jsonl", "diagnosis/expert-chosen.thoughts.jsonl",
+             "diagnosis/oracle.thoughts.jsonl", "thoughts/manifest.json", "train_metrics.jsonl",
+             "train_contrastive_metrics.jsonl")
 # What the report quotes of a comparison, all written by `python -m o1jax.eval.compare --json`.
 COMPARISON_KEYS = ("names", "measure", "queries", "wins", "ties", "losses", "mean_a", "mean_b", "mean_difference",
                    "confidence", "ci_low", "ci_high", "randomization_pvalue", "t_pvalue", "command")
@@ -307,6 +317,33 @@ def render_figure(results: RunResults, path: str | pathlib.Path) -> None:
   plt.close(fig)
 
 
+def write_report(results: RunResults, out: pathlib.Path) -> str:
+  """results.md and results.png in `out`; returns the markdown."""
+  markdown = render_markdown(results)
+  atomic_write_text(out / "results.md", markdown)
+  render_figure(results, out / "results.png")
+  return markdown
+
+
+def publish(run: str | pathlib.Path, out: str | pathlib.Path) -> RunResults:
+  """Copies the PUBLISHED files of `run` (as real files, wherever its links point) into `out` with its report.
+  Staged beside `out` and renamed into place, so an interrupted copy leaves any earlier `out` as it was."""
+  run, out = pathlib.Path(run), pathlib.Path(out)
+  collect(run)  # a folder the report cannot read is refused before anything is written
+  out.parent.mkdir(parents=True, exist_ok=True)
+  staged = out.parent / f".{out.name}.staging-{os.getpid()}"
+  shutil.rmtree(staged, ignore_errors=True)
+  for pattern in PUBLISHED:
+    for path in sorted(run.glob(pattern)):
+      target = staged / path.relative_to(run)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      shutil.copyfile(path, target)
+  results = collect(staged)
+  write_report(results, staged)
+  publish_directory(staged, out)
+  return results
+
+
 def main(argv: Sequence[str]) -> RunResults | None:
   p = argparse.ArgumentParser(prog="python -m launch.report", description=__doc__.splitlines()[0])
   runs = p.add_mutually_exclusive_group(required=True)
@@ -315,7 +352,13 @@ def main(argv: Sequence[str]) -> RunResults | None:
   runs.add_argument("--comparisons", nargs="+", metavar="JSON",
                     help="files of `python -m o1jax.eval.compare --json`, made outside a run, as one table")
   p.add_argument("--out", help="with --run: where results.md and results.png go (default: the run directory)")
+  p.add_argument("--publish", metavar="DIR",
+                 help="with --run: copy what the report reads into DIR (replacing it) and write the report there")
   args = p.parse_args(argv)
+  if (args.publish or args.out) and not args.run:
+    p.error("--out and --publish go with --run")
+  if args.publish and args.out:
+    p.error("--publish writes its report into DIR: give --out or --publish, not both")
   if args.comparisons:
     print("\n".join(comparison_lines([_comparison(pathlib.Path(path)) for path in args.comparisons])))
     return None
@@ -326,12 +369,15 @@ def main(argv: Sequence[str]) -> RunResults | None:
         p.error(f"--lever={entry}: expected NAME=DIR")
     print(render_levers({name: collect(directory) for name, directory in named}), end="")
     return None
-  results = collect(args.run)
-  out = pathlib.Path(args.out or args.run)
-  out.mkdir(parents=True, exist_ok=True)
-  markdown = render_markdown(results)
-  atomic_write_text(out / "results.md", markdown)
-  render_figure(results, out / "results.png")
+  if args.publish:
+    out = pathlib.Path(args.publish)
+    results = publish(args.run, out)
+    markdown = (out / "results.md").read_text()
+  else:
+    results = collect(args.run)
+    out = pathlib.Path(args.out or args.run)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = write_report(results, out)
   print(markdown, end="")
   print(f"wrote {out / 'results.md'} and {out / 'results.png'}")
   return results

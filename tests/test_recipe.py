@@ -134,6 +134,29 @@ def test_the_diagnosis_embeds_the_experts_and_an_oracles_thoughts_for_the_evalua
   assert results.examples[0]["expert"] == written["expert"][0]["thoughts"][0]
 
 
+def test_a_published_run_holds_real_copies_of_what_its_report_reads(quick_run, tmp_path):
+  """`launch.report --run=RUN --publish=DIR`, as launch/results is made: through links (a --reuse run's), the files
+  the report reads and nothing large; the same report; publishing again replaces the folder whole."""
+  out, _, _ = quick_run
+  linked = tmp_path / "linked"
+  linked.mkdir()
+  for entry in out.iterdir():
+    (linked / entry.name).symlink_to(entry)
+  published = tmp_path / "results" / "run"
+  published.mkdir(parents=True)
+  (published / "stale.txt").write_text("an earlier copy's file")
+  assert report.main([f"--run={linked}", f"--publish={published}"]) == report.collect(out)
+  files = sorted(str(p.relative_to(published)) for p in published.rglob("*") if p.is_file())
+  assert not any(p.is_symlink() for p in published.rglob("*"))
+  assert "stale.txt" not in files and "diagnosis/candidates.thoughts.jsonl" not in files
+  assert {"eval/untrained/summary.json", "thoughts/manifest.json", "results.png"} <= set(files)
+  assert not [f for f in files if f.startswith(("train/", "thoughts/dev", "thoughts/train", "untrained_hf/"))]
+  assert (published / "results.md").read_text() == (out / "results.md").read_text()
+  assert sorted(p.name for p in published.parent.iterdir()) == ["run"]  # no staging folder left behind
+  with pytest.raises(SystemExit):
+    report.main([f"--lever=a={out}", f"--publish={published}"])
+
+
 def test_a_second_run_skips_finished_stages(quick_run, shared_dir):
   out, dataset, _ = quick_run
   proc = recipe(shared_dir, out, dataset, "--dry-run")
@@ -363,6 +386,9 @@ def test_committed_cosqa_results_are_the_reports_rendering_and_in_the_readme():
 def test_report_names_bad_input(tmp_path):
   with pytest.raises(FileNotFoundError, match="no evaluation results"):
     report.collect(tmp_path)
+  with pytest.raises(FileNotFoundError, match="no evaluation results"):
+    report.publish(tmp_path, tmp_path / "published")
+  assert list(tmp_path.iterdir()) == []
   (tmp_path / "eval" / "a").mkdir(parents=True)
   (tmp_path / "eval" / "a" / "summary.json").write_text(json.dumps({"metrics": {"BM25": {"ndcg@10": 0.5}}}))
   (tmp_path / "train_metrics.jsonl").write_text('{"step": 1, "loss_ctr": 1.0}\n{"step": 2,\n')
