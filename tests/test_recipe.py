@@ -437,7 +437,11 @@ LEVER_TABLES = {
                                                               "runs/scifact-candidates4")},
     "cosqa": {"recipe (float32)": (COSQA, None),
               "bfloat16": (COSQA / "levers" / "bfloat16", None),
-              "bfloat16, w_gen 1.0": (COSQA / "levers" / "bfloat16-w_gen-1", "runs/cosqa-bfloat16")},
+              "bfloat16, w_gen 1.0": (COSQA / "levers" / "bfloat16-w_gen-1", "runs/cosqa-bfloat16"),
+              "bfloat16, w_gen 1.0, seed 1": (COSQA / "levers" / "bfloat16-w_gen-1-seed-1", "runs/cosqa-bfloat16"),
+              "bfloat16, w_gen 1.0, thought drop 0.5": (COSQA / "levers" / "bfloat16-w_gen-1-drop-0.5",
+                                                        "runs/cosqa-bfloat16"),
+              "bfloat16, w_gen 2.0": (COSQA / "levers" / "bfloat16-w_gen-2", "runs/cosqa-bfloat16")},
 }
 
 
@@ -461,6 +465,18 @@ def test_cosqa_bfloat16_run_trained_on_the_float32_runs_thoughts():
   shards = [json.loads((run / "thoughts" / "manifest.json").read_text())["shards"]
             for run in (COSQA, COSQA / "levers" / "bfloat16")]
   assert len(shards[0]) == 8 and shards[0] == shards[1]
+
+
+def test_cosqa_seed_replicate_trained_a_anew_beside_the_same_b():
+  """`--seed=1` retrained (a) alone: other data draws from the first step (so another model), the same (b) row."""
+  levers = COSQA / "levers"
+  settings = [(levers / run / "stages" / "settings").read_text().splitlines()[-2:]
+              for run in ("bfloat16-w_gen-1", "bfloat16-w_gen-1-seed-1")]
+  assert settings == [["thought_drop=config", "w_gen=1.0"], ["w_gen=1.0", "seed=1"]]
+  seed0, seed1 = (report.collect(levers / run) for run in ("bfloat16-w_gen-1", "bfloat16-w_gen-1-seed-1"))
+  assert seed0.steps[0]["loss"] != seed1.steps[0]["loss"] and seed0.steps[0]["lr"] == seed1.steps[0]["lr"]
+  assert seed0.rows["contrastive-only, no thinking"] == seed1.rows["contrastive-only, no thinking"]
+  assert seed0.rows["trained, think=3"] != seed1.rows["trained, think=3"]
 
 
 def test_every_scifact_lever_trained_the_same_contrastive_only_model():
