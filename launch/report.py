@@ -325,21 +325,39 @@ def write_report(results: RunResults, out: pathlib.Path) -> str:
   return markdown
 
 
+def _is_published(relative: pathlib.PurePath) -> bool:
+  """Whether a file at this path inside a folder is one `publish` writes."""
+  return any(len(relative.parts) == len(pathlib.PurePath(pattern).parts) and relative.match(pattern)
+             for pattern in (*PUBLISHED, "results.md", "results.png"))
+
+
 def publish(run: str | pathlib.Path, out: str | pathlib.Path) -> RunResults:
   """Copies the PUBLISHED files of `run` (as real files, wherever its links point) into `out` with its report.
-  Staged beside `out` and renamed into place, so an interrupted copy leaves any earlier `out` as it was."""
+  Staged beside `out` and renamed into place, so an interrupted copy leaves any earlier `out` as it was. An
+  existing `out` is replaced only when it holds nothing but what a publish writes: never a run (its checkpoints),
+  nor a folder of other results."""
   run, out = pathlib.Path(run), pathlib.Path(out)
   collect(run)  # a folder the report cannot read is refused before anything is written
+  if out.exists():
+    foreign = sorted(p for p in out.rglob("*")
+                     if p.is_symlink() or (not p.is_dir() and not _is_published(p.relative_to(out))))
+    if foreign:
+      raise ValueError(f"--publish={out} holds {foreign[0]}, which a publish does not write (the folder would be "
+                       "replaced): give a new folder")
   out.parent.mkdir(parents=True, exist_ok=True)
   staged = out.parent / f".{out.name}.staging-{os.getpid()}"
   shutil.rmtree(staged, ignore_errors=True)
-  for pattern in PUBLISHED:
-    for path in sorted(run.glob(pattern)):
-      target = staged / path.relative_to(run)
-      target.parent.mkdir(parents=True, exist_ok=True)
-      shutil.copyfile(path, target)
-  results = collect(staged)
-  write_report(results, staged)
+  try:
+    for pattern in PUBLISHED:
+      for path in sorted(run.glob(pattern)):
+        target = staged / path.relative_to(run)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    results = collect(staged)
+    write_report(results, staged)
+  except BaseException:
+    shutil.rmtree(staged, ignore_errors=True)
+    raise
   publish_directory(staged, out)
   return results
 

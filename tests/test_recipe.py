@@ -143,16 +143,21 @@ def test_a_published_run_holds_real_copies_of_what_its_report_reads(quick_run, t
   for entry in out.iterdir():
     (linked / entry.name).symlink_to(entry)
   published = tmp_path / "results" / "run"
-  published.mkdir(parents=True)
-  (published / "stale.txt").write_text("an earlier copy's file")
+  (published / "eval" / "gone").mkdir(parents=True)
+  (published / "eval" / "gone" / "summary.json").write_text("an earlier publish's evaluation")
   assert report.main([f"--run={linked}", f"--publish={published}"]) == report.collect(out)
   files = sorted(str(p.relative_to(published)) for p in published.rglob("*") if p.is_file())
   assert not any(p.is_symlink() for p in published.rglob("*"))
-  assert "stale.txt" not in files and "diagnosis/candidates.thoughts.jsonl" not in files
+  assert "eval/gone/summary.json" not in files and "diagnosis/candidates.thoughts.jsonl" not in files
   assert {"eval/untrained/summary.json", "thoughts/manifest.json", "results.png"} <= set(files)
   assert not [f for f in files if f.startswith(("train/", "thoughts/dev", "thoughts/train", "untrained_hf/"))]
   assert (published / "results.md").read_text() == (out / "results.md").read_text()
   assert sorted(p.name for p in published.parent.iterdir()) == ["run"]  # no staging folder left behind
+  # A folder holding anything a publish does not write (a run's checkpoints, other results) is never replaced.
+  for target in (out, published.parent):
+    with pytest.raises(ValueError, match=f"--publish={target} holds .*, which a publish does not write"):
+      report.publish(out, target)
+  assert (out / "train").is_dir() and (published / "results.md").exists()
   with pytest.raises(SystemExit):
     report.main([f"--lever=a={out}", f"--publish={published}"])
 
