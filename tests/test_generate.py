@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
 
-from o1jax.generate import (TOP_P_CANDIDATES, Generator, Sampling, bucket, generate_padded, greedy_token,
-                            penalize_repeats, top_p_filter)
+from o1jax.generate import (TOP_P_CANDIDATES, Generator, Sampling, bucket, cache_slots, generate_padded, greedy_token,
+                            length_bucket, penalize_repeats, top_p_filter)
 from o1jax.model import Decoder, ModelConfig, decoding_layout, init_params
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -92,7 +92,7 @@ def test_stacked_cache_decoding_equals_cpu_layout():
   mask[3, -1] = 1
   tokens, lengths = generate_padded(params, ids, mask, jax.random.key(0), jnp.float32(1e-6), jnp.float32(1.0),
                                     jnp.float32(1.0), jnp.asarray([96], jnp.int32), jnp.int32(0), cfg=cfg,
-                                    max_new_tokens=10, greedy=True)
+                                    max_new_tokens=10, greedy=True, cache_growth=4)  # stacked caches grown too
   assert [np.asarray(tokens)[r, :np.asarray(lengths)[r]].tolist() for r in range(3)] == expected
 
 
@@ -120,6 +120,42 @@ def test_one_compile_per_bucket():
   gen.generate([[1, 2, 3]] * 3, max_new_tokens=4)  # batch bucket 4: one more
   assert generate_padded._cache_size() == before + 2
   assert bucket(3) == 4 and bucket(9, 16) == 16 and bucket(17, 16) == 32
+  assert [length_bucket(n) for n in (1, 16, 17, 24, 25, 38, 48, 49, 65, 97)] == [16, 16, 24, 24, 32, 48, 48, 64, 96, 128]
+
+
+def test_cache_slots_grow_to_the_prompt_and_every_token_fed_back():
+  assert cache_slots(48, 128) == (80, 112, 144, 175)  # 127 fed back over four loops of 32
+  assert cache_slots(48, 128, growth=0) == (175,)
+  assert cache_slots(16, 10) == (25,) and cache_slots(5, 1) == (5,)  # short budgets: one loop
+  assert cache_slots(16, 70, growth=32) == (48, 80, 85)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_growing_cache_generates_what_one_cache_does(sampled):
+  """Decoding in loops over a cache grown between them (across Mistral's window, with the repetition penalty's
+  record of seen tokens, sampling keyed by the step) gives the tokens one loop over the whole cache gives."""
+  cfg = ModelConfig(family="mistral", sliding_window=6, **TINY)
+  params = init_params(cfg, jax.random.key(8))
+  params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 20
+  prompts = [[5, 9, 17, 33, 2], [7], [11, 12, 13, 14, 15, 16, 17, 18, 19]]
+  ids = np.zeros((4, 16), np.int32)
+  mask = np.zeros((4, 16), np.int32)
+  for row, prompt in enumerate(prompts):
+    ids[row, 16 - len(prompt):], mask[row, 16 - len(prompt):] = prompt, 1
+  mask[3, -1] = 1
+
+  def generate(growth):
+    tokens, lengths = generate_padded(params, ids, mask, jax.random.key(4), jnp.float32(0.8 if sampled else 1e-6),
+                                      jnp.float32(0.9), jnp.float32(1.3), jnp.asarray([96], jnp.int32), jnp.int32(0),
+                                      cfg=cfg, max_new_tokens=40, greedy=not sampled, penalize=True,
+                                      cache_growth=growth)
+    return np.asarray(tokens), np.asarray(lengths)
+
+  whole = generate(0)
+  assert (whole[1] > 30).any()  # rows run through several loops
+  for growth in (8, 13, None):
+    np.testing.assert_array_equal(generate(growth)[0], whole[0])
+    np.testing.assert_array_equal(generate(growth)[1], whole[1])
 
 
 def test_greedy_token_is_numpys_argmax():

@@ -61,6 +61,13 @@ class KVCache(NamedTuple):
       k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)) for shape in (k_shape, v_shape))
     return cls(k, v, jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
 
+  def grown(self, slots: int) -> KVCache:
+    """The same cache with `slots` slots, the new ones empty (a copy: done between decoding loops, not per step)."""
+    extra = slots - self.valid.shape[1]
+    pad = lambda x, axis: jnp.pad(x, [(0, extra if a == x.ndim + axis else 0) for a in range(x.ndim)])
+    k, v = (jax.tree.map(lambda x, axis=axis: pad(x, axis), buffers) for buffers, axis in ((self.k, -1), (self.v, -2)))
+    return KVCache(k, v, pad(self.valid, -1), self.index)
+
 
 def _dense(features: int, axes: tuple[str, str], cfg: ModelConfig, name: str, bias: bool = False):
   """A projection of [..., in] activations to [..., features], computed on rows [tokens, in]."""
