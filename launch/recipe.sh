@@ -5,7 +5,8 @@
 #   launch/recipe.sh [--preset=scifact|cosqa|scifact-gpu] [--shared=../shared] [--out=runs/PRESET] [--dataset=DIR]
 #                    [--train_split=NAME] [--test_split=NAME] [--doc_tokens=N] [--limit=N] [--shards=8] [--steps=N]
 #                    [--max_queries=N] [--examples=N] [--candidates=K] [--thought_tokens=N] [--thought_drop=R]
-#                    [--w_gen=W] [--seed=N] [--dtype=float32|bfloat16] [--reuse=RUN] [--dry-run]
+#                    [--w_gen=W] [--seed=N] [--contrastive_seed=N] [--dtype=float32|bfloat16] [--reuse=RUN]
+#                    [--dry-run]
 #                    [-- TRAINER_OVERRIDES...]
 #
 # Presets (the options above override them):
@@ -48,13 +49,15 @@
 # (a) trains a query without its thought (the config's 0.1 by default; (b) always drops it), --w_gen the weight of
 # (a)'s behaviour-cloning loss (the config's 0.2; (b) has none), --seed a replicate of (a): its initialisation and
 # data seed (the order, each query's positive, negatives and thought drop) and its thoughts' sampling seed, where
-# (b) keeps the config's 0. --dtype=bfloat16 computes both trainings (float32
+# (b) keeps the config's 0 unless --contrastive_seed sets its own (the same three for (b), which does not think).
+# --dtype=bfloat16 computes both trainings (float32
 # weights and AdamW) and every evaluation in bfloat16 (on a CPU with avx512_bf16, through XLA:CPU's bfloat16 kernel);
 # the expert writes as before. Give a lever run its own --out. OUT/stages/settings
-# records what the results depend on, and a run refuses an OUT made with other settings. --reuse=RUN links the
-# stages a lever of (a) alone (--thought_drop, --w_gen, --seed) leaves unchanged from RUN, made with
-# the same settings otherwise: thoughts, convert, untrained, train_contrastive and contrastive; the report names
-# them. The diagnosis then takes RUN's expert candidates for the test queries instead of generating them.
+# records what the results depend on, and a run refuses an OUT made with other settings. --reuse=RUN links every
+# stage of RUN (made with the same settings but (a)'s and (b)'s levers) whose own settings match: thoughts,
+# convert and untrained always; (a)'s train, trained, diagnose and diagnosis when --thought_drop, --w_gen and --seed
+# are RUN's; (b)'s train_contrastive and contrastive when --contrastive_seed is. The report names them. A diagnosis
+# run anew takes RUN's expert candidates for the test queries instead of generating them.
 # --limit (train queries), --shards (each shard's last generation batch is padded to 64 prompts), --steps and
 # --max_queries (test queries) make a quick run; --dataset replaces the preset's directory (BEIR layout with
 # qrels/TRAIN_SPLIT.tsv and qrels/TEST_SPLIT.tsv); arguments after `--` go to both trainings
@@ -64,7 +67,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 preset=scifact shared=../shared out="" dataset="" train_split="" test_split="" doc_tokens=""
 limit="" shards=8 steps="" max_queries=0 examples_option="" candidates_option="" thought_tokens_option=""
-thought_drop="" w_gen="" seed="" dtype="" reuse=""
+thought_drop="" w_gen="" seed="" contrastive_seed="" dtype="" reuse=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --preset=*) preset="${1#*=}" ;;
@@ -84,6 +87,7 @@ while [[ $# -gt 0 ]]; do
     --thought_drop=*) thought_drop="${1#*=}" ;;
     --w_gen=*) w_gen="${1#*=}" ;;
     --seed=*) seed="${1#*=}" ;;
+    --contrastive_seed=*) contrastive_seed="${1#*=}" ;;
     --dtype=*) dtype="${1#*=}" ;;
     --reuse=*) reuse="${1#*=}" ;;
     --dry-run) export O1_DRY_RUN=1 ;;
@@ -132,16 +136,19 @@ done
 [[ -z "$w_gen" || "$w_gen" =~ ^[0-9]+(\.[0-9]+)?$ ]] || {
   echo "recipe.sh: --w_gen=$w_gen: not a non-negative number" >&2; exit 2; }
 # jax keys hold 32 bits; ten digits and the bound keep the check in bash's integers.
-[[ -z "$seed" || ( "$seed" =~ ^[0-9]{1,10}$ && 10#$seed -lt 4294967296 ) ]] || {
-  echo "recipe.sh: --seed=$seed: not a whole number below 2**32" >&2; exit 2; }
+for option in seed contrastive_seed; do
+  [[ -z "${!option}" || ( "${!option}" =~ ^[0-9]{1,10}$ && 10#${!option} -lt 4294967296 ) ]] || {
+    echo "recipe.sh: --$option=${!option}: not a whole number below 2**32" >&2; exit 2; }
+done
 [[ -z "$dtype" || "$dtype" == float32 || "$dtype" == bfloat16 ]] || {
   echo "recipe.sh: --dtype=$dtype: expected float32 or bfloat16" >&2; exit 2; }
 # The diagnosis draws the expert's examples from the train split, as synthesis did: test pairs would be labels.
 example_split=()
 (( examples == 0 )) || example_split=(--example_split="$train_split")
 
-# What the stages' results depend on besides the code, one per line; thought_drop, w_gen and seed (last; the latter
-# two only when given, so runs made before they existed keep their settings) change only (a).
+# What the stages' results depend on besides the code, one per line; thought_drop, w_gen and seed change only (a),
+# contrastive_seed only (b) (the last four lines; all but thought_drop only when given, so runs made before they
+# existed keep their settings).
 newline=$'\n'
 settings="preset=$preset
 dataset=$(realpath -m "$dataset")
@@ -156,14 +163,24 @@ examples=$examples
 candidates=$candidates
 thought_tokens=$thought_tokens
 trainer_overrides=$*${dtype:+${newline}dtype=$dtype}
-thought_drop=${thought_drop:-config}${w_gen:+${newline}w_gen=$w_gen}${seed:+${newline}seed=$seed}"
+thought_drop=${thought_drop:-config}${w_gen:+${newline}w_gen=$w_gen}${seed:+${newline}seed=$seed}\
+${contrastive_seed:+${newline}contrastive_seed=$contrastive_seed}"
+# The lines of settings $1 that part $2 of the stages depends on: shared (every line before thought_drop), a
+# (thought_drop, w_gen, seed) or b (contrastive_seed).
+settings_part() {
+  case "$2" in
+    shared) echo "${1%$'\n'thought_drop=*}" ;;
+    a) grep -E '^(thought_drop|w_gen|seed)=' <<< "$1" || true ;;
+    b) grep -E '^contrastive_seed=' <<< "$1" || true ;;
+  esac
+}
 # The first setting of file $1 that differs from this run's, as "its 'A', this run's 'B'"; nothing when they agree
-# (on every line before thought_drop with $2 = reuse).
+# (on the lines of part $2 only, when given).
 differing_setting() {
   local mine theirs
   mine="$settings"
   theirs="$(cat "$1")"
-  if [[ "${2:-}" == reuse ]]; then mine="${mine%$'\n'thought_drop=*}" theirs="${theirs%$'\n'thought_drop=*}"; fi
+  if [[ -n "${2:-}" ]]; then mine="$(settings_part "$mine" "$2")" theirs="$(settings_part "$theirs" "$2")"; fi
   [[ "$mine" == "$theirs" ]] && return
   { diff <(echo "$theirs") <(echo "$mine") || true; } | awk '/^</ && !a {a = substr($0, 3)} /^>/ && !b {b = substr($0, 3)}
                                                  END {printf "its \047%s\047, this run\047s \047%s\047", a, b}'
@@ -176,15 +193,20 @@ fi
 if [[ -n "$reuse" ]]; then
   [[ -f "$reuse/stages/settings" ]] || { echo "recipe.sh: --reuse=$reuse: no stages/settings (not a recipe run)" >&2
                                          exit 2; }
-  differs="$(differing_setting "$reuse/stages/settings" reuse)"
+  differs="$(differing_setting "$reuse/stages/settings" shared)"
   [[ -z "$differs" ]] || { echo "recipe.sh: --reuse=$reuse was made with other settings ($differs)" >&2; exit 2; }
 fi
 mkdir -p "$out/stages"
 [[ "${O1_DRY_RUN:-0}" == 1 || -f "$out/stages/settings" ]] || echo "$settings" > "$out/stages/settings"
-# What each reusable stage leaves in the run directory.
+# What each stage leaves in the run directory (DIR/* : a directory of links to RUN's entries, which this run's
+# comparisons write beside), and which part of the settings it depends on.
 declare -A stage_outputs=([thoughts]="thoughts" [convert]="untrained_hf" [untrained]="eval/untrained"
+                          [train]="train train_metrics.jsonl tensorboard" [trained]="eval/trained/*"
+                          [diagnose]="diagnosis" [diagnosis]="eval/diagnosis/*"
                           [train_contrastive]="train_contrastive train_contrastive_metrics.jsonl tensorboard_contrastive"
                           [contrastive]="eval/contrastive-only")
+declare -A stage_part=([thoughts]=shared [convert]=shared [untrained]=shared [train]=a [trained]=a [diagnose]=a
+                       [diagnosis]=a [train_contrastive]=b [contrastive]=b)
 
 # Runs stage $1 (the command "${@:2}") unless it finished before or --reuse links it; records its wall time.
 stage() {
@@ -199,9 +221,19 @@ stage() {
     echo "== $name: reused from $(cat "$out/stages/$name.reused") in an earlier run, skipped" >&2
     return
   fi
-  if [[ -n "$reuse" && -n "${stage_outputs[$name]:-}" && -f "$reuse/stages/$name.seconds" ]]; then
+  # RUN's stage ran there or was itself reused (its links lead to where it ran).
+  if [[ -n "$reuse" && ( -f "$reuse/stages/$name.seconds" || -f "$reuse/stages/$name.reused" ) \
+        && -z "$(differing_setting "$reuse/stages/settings" "${stage_part[$name]}")" ]]; then
     echo "== $name: reused from $reuse" >&2
     for path in ${stage_outputs[$name]}; do
+      if [[ "$path" == */\* ]]; then
+        path="${path%/\*}"
+        o1_run mkdir -p "$out/$path"
+        for entry in "$reuse/$path"/*; do
+          [[ -e "$entry" ]] && o1_run ln -sfn "$(realpath "$entry")" "$out/$path/$(basename "$entry")"
+        done
+        continue
+      fi
       [[ -e "$reuse/$path" ]] || continue
       o1_run mkdir -p "$(dirname "$out/$path")"
       o1_run ln -sfn "$(realpath "$reuse/$path")" "$out/$path"
@@ -245,7 +277,8 @@ stage trained python -m o1jax.eval --checkpoint="$out/train" --think=3 --max_new
 # still meets the same documents); w_gen=0 drops the behaviour-cloning loss, which would have no tokens to clone.
 stage train_contrastive python -m o1jax.train "${train_args[@]}" --config.checkpoint.dir="$out/train_contrastive" \
   --config.log.jsonl="$out/train_contrastive_metrics.jsonl" --config.log.tensorboard_dir="$out/tensorboard_contrastive" \
-  "$@" --config.train.w_gen=0 --config.train.thought_drop=1.0
+  "$@" --config.train.w_gen=0 --config.train.thought_drop=1.0 \
+  ${contrastive_seed:+--config.seed="$contrastive_seed" --config.data.shuffle_seed="$contrastive_seed"}
 stage contrastive python -m o1jax.eval --checkpoint="$out/train_contrastive" --think=off --baselines= \
   --out="$out/eval/contrastive-only" "${eval_args[@]}"
 
