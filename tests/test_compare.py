@@ -162,6 +162,29 @@ def test_cli_leaves_out_unjudged_and_unretrieved_queries_with_a_note(files, tmp_
   assert "note: 1 judged queries are in neither run and are left out" in printed
 
 
+def test_cli_averages_replicates_of_a_system_per_query(files, tmp_path, capsys):
+  """`a1,a2` is one system over two replicates (e.g. training seeds): each query's value is their mean, from
+  pytrec_eval on each run; replicates over other queries are refused naming both files."""
+  run_a, run_b, trec_qrels, _ = files
+  shuffled = write_run(tmp_path / "a2.trec", {"q1": {"d2": 1.0, "d1": 0.5}, "q2": RUN_B["q2"], "q3": RUN_B["q3"]})
+  out = tmp_path / "cmp.json"
+  result = main([f"{run_a},{shuffled}", str(run_b), f"--qrels={trec_qrels}", f"--json={out}"])
+  evaluator = pytrec_eval.RelevanceEvaluator(QRELS, {"ndcg_cut.10"})
+  per_run = [evaluator.evaluate(run) for run in (RUN_A, {"q1": {"d2": 1.0, "d1": 0.5}, **{q: RUN_B[q] for q in
+                                                                                         ("q2", "q3")}})]
+  mean_a = {q: (per_run[0][q]["ndcg_cut_10"] + per_run[1][q]["ndcg_cut_10"]) / 2 for q in QRELS}
+  b = {q: v["ndcg_cut_10"] for q, v in evaluator.evaluate(RUN_B).items()}
+  assert result == compare(mean_a, b, measure="ndcg@10", names=("mean of 2 (a, a2)", "b"))
+  assert mean_a["q3"] != b["q3"] and mean_a["q3"] != per_run[0]["q3"]["ndcg_cut_10"]  # both replicates count
+  assert "mean of 2 (a, a2) vs b on 3 queries" in capsys.readouterr().out
+  assert json.loads(out.read_text())["runs"] == [[str(run_a), str(shuffled)], str(run_b)]
+  fewer = write_run(tmp_path / "fewer.trec", {q: RUN_A[q] for q in ("q1", "q2")})
+  with pytest.raises(ValueError, match=r"a.trec and .*fewer.trec cover different queries: 1 only in .*a.trec"):
+    main([f"{run_a},{fewer}", str(run_b), f"--qrels={trec_qrels}"])
+  with pytest.raises(ValueError, match=r"RUN_A=.*nope.trec: no such file"):
+    main([f"{run_a},{tmp_path / 'nope.trec'}", str(run_b), f"--qrels={trec_qrels}"])
+
+
 def run_cli(*args):
   return subprocess.run([sys.executable, "-m", "o1jax.eval.compare", *map(str, args)], cwd=ROOT,
                         env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)

@@ -176,11 +176,12 @@ REUSABLE = {"thoughts": ["thoughts"], "convert": ["untrained_hf"], "untrained": 
 
 
 def test_a_run_reusing_an_earlier_ones_stages_retrains_to_the_same_table(quick_run, shared_dir, tmp_path):
-  """--reuse links what a lever of (a) alone leaves unchanged and runs the rest: with no lever at all, training
-  again from the same shards, config and seed reproduces every row and loss to the last digit."""
+  """--reuse links what a lever of (a) alone leaves unchanged and runs the rest: with a lever that changes nothing
+  (--seed=0, the config's own), training again from the same shards, config and seed reproduces every row and loss
+  to the last digit."""
   out, dataset, _ = quick_run
   lever = tmp_path / "lever"
-  proc = recipe(shared_dir, lever, dataset, f"--reuse={out}")
+  proc = recipe(shared_dir, lever, dataset, f"--reuse={out}", "--seed=0")
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert proc.stderr.count(f"reused from {out}") == len(REUSABLE)
   for stage, paths in REUSABLE.items():
@@ -202,7 +203,7 @@ def test_a_run_reusing_an_earlier_ones_stages_retrains_to_the_same_table(quick_r
   assert (f"Reused from `{out}` (its results, not run again here): thoughts, convert, untrained, train_contrastive, "
           "contrastive.") in (lever / "results.md").read_text()
   # Run again without --reuse, the linked stages stay linked: running one would write into the other run.
-  again = recipe(shared_dir, lever, dataset, "--dry-run")
+  again = recipe(shared_dir, lever, dataset, "--seed=0", "--dry-run")
   assert again.returncode == 0 and again.stderr.count(f"reused from {out} in an earlier run") == len(REUSABLE)
 
 
@@ -225,6 +226,21 @@ def test_a_lever_of_a_alone_trains_only_a_and_other_settings_are_refused(quick_r
   assert [c[2] for c in seeded] == ["o1jax.train", "o1jax.eval"]
   assert seeded[0][-3:] == ["--config.train.w_gen=1.0", "--config.seed=7", "--config.data.shuffle_seed=7"]
   assert seeded[1][-1] == "--seed=7" and "--think=3" in seeded[1]
+  # A replicate of (b) alone: its training takes the seed; (a)'s stages are linked, its evaluation folders as folders
+  # of links (this run's comparisons are written there beside them). With no lever at all, nothing runs again.
+  replicate_b = printed_commands(recipe(shared_dir, tmp_path / "b", dataset, f"--reuse={out}", "--contrastive_seed=5",
+                                        "--dry-run"))
+  trainings = [c for c in replicate_b if c[:3] == ["python", "-m", "o1jax.train"]]
+  assert len(trainings) == 1 and "--config.train.thought_drop=1.0" in trainings[0]
+  assert trainings[0][-2:] == ["--config.seed=5", "--config.data.shuffle_seed=5"]
+  linked = {c[-1] for c in replicate_b if c[:2] == ["ln", "-sfn"]}
+  assert {str(tmp_path / "b" / p) for p in ("train", "diagnosis", "thoughts")} <= linked
+  assert str(tmp_path / "b" / "eval" / "trained" / "o1jax_think_3.trec") in linked
+  assert str(tmp_path / "b" / "eval" / "trained") not in linked
+  assert [c[2] for c in replicate_b if c[:2] == ["python", "-m"]] == [
+      "o1jax.train", "o1jax.eval", *["o1jax.eval.compare"] * 4, "launch.report"]
+  nothing = printed_commands(recipe(shared_dir, tmp_path / "same", dataset, f"--reuse={out}", "--dry-run"))
+  assert [c[2] for c in nothing if c[:2] == ["python", "-m"]] == [*["o1jax.eval.compare"] * 4, "launch.report"]
   # Anything else that changes a reused stage's results is a different run: named, and nothing runs.
   for options, where in (([f"--reuse={out}", "--examples=3"], f"--reuse={out}"), (["--candidates=3"], f"--out={out}")):
     target = tmp_path / "other" if options[0].startswith("--reuse") else out
@@ -259,6 +275,7 @@ def test_missing_shared_data_is_named(tmp_path):
                                              ("--w_gen=-1", "--w_gen=-1: not a non-negative number"),
                                              ("--seed=-1", "--seed=-1: not a whole number below 2**32"),
                                              ("--seed=4294967296", "--seed=4294967296: not a whole number below"),
+                                             ("--contrastive_seed=x", "--contrastive_seed=x: not a whole number"),
                                              ("--dtype=float16", "--dtype=float16: expected float32 or bfloat16")])
 def test_bad_options_are_named(shared_dir, tmp_path, option, message):
   proc = subprocess.run(["bash", "launch/recipe.sh", f"--shared={shared_dir}", f"--out={tmp_path}", option],
@@ -431,7 +448,8 @@ def test_lever_table_sets_runs_side_by_side_from_their_own_files(capsys):
 LEVERS = RESULTS / "levers"
 
 # The README's lever tables, one per dataset: name -> (the run under launch/results, the run it reused the expert's
-# thoughts, the untrained row and (b) from, for levers of (a) alone). The first of each is the recipe's own run.
+# thoughts, the untrained row and (b) from, for levers of (a) alone[, the stages it reused when not those]). The
+# first of each is the recipe's own run.
 LEVER_TABLES = {
     "scifact": {"recipe (zero-shot)": (RESULTS, None),
                 "3 in-context examples": (LEVERS / "examples-3", None),
@@ -446,7 +464,11 @@ LEVER_TABLES = {
               "bfloat16, w_gen 1.0, seed 1": (COSQA / "levers" / "bfloat16-w_gen-1-seed-1", "runs/cosqa-bfloat16"),
               "bfloat16, w_gen 1.0, thought drop 0.5": (COSQA / "levers" / "bfloat16-w_gen-1-drop-0.5",
                                                         "runs/cosqa-bfloat16"),
-              "bfloat16, w_gen 2.0": (COSQA / "levers" / "bfloat16-w_gen-2", "runs/cosqa-bfloat16")},
+              "bfloat16, w_gen 2.0": (COSQA / "levers" / "bfloat16-w_gen-2", "runs/cosqa-bfloat16"),
+              # (b) alone at seed 1, beside the seed-1 (a) (its stages reused, as were the expert's thoughts).
+              "bfloat16, w_gen 1.0, seed 1, (b) seed 1": (
+                  COSQA / "levers" / "bfloat16-w_gen-1-b-seed-1", "runs/cosqa-bfloat16-w_gen-1-seed-1",
+                  ("thoughts", "convert", "untrained", "train", "trained", "diagnose", "diagnosis"))},
 }
 
 
@@ -457,10 +479,11 @@ def test_committed_lever_runs_are_the_reports_rendering_and_their_table_is_in_th
   prints for them."""
   levers = LEVER_TABLES[dataset]
   runs = {name: report.collect(run) for name, (run, _) in levers.items()}
-  for name, (run, reused_from) in list(levers.items())[1:]:
+  for name, (run, reused_from, *stages) in list(levers.items())[1:]:
     assert list(runs[name].rows) == ROWS and len(runs[name].comparisons) == 4
     assert (run / "results.md").read_text() == report.render_markdown(runs[name])
-    assert runs[name].reused == ({stage: reused_from for stage in REUSABLE} if reused_from else {})
+    assert runs[name].reused == ({stage: reused_from for stage in (stages[0] if stages else REUSABLE)}
+                                 if reused_from else {})
   assert report.render_levers(runs) in (ROOT / "README.md").read_text()
 
 

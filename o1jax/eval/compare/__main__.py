@@ -6,7 +6,9 @@
 QRELS is a TREC (qid iter docid rel) or BEIR (query-id corpus-id score, with header) qrels file. The measure is any
 that `python -m o1jax.eval` knows (`ndcg@10`, `mrr@10`, `recall@100`, or a trec_eval name such as `ndcg_cut_10`,
 `map`, `P_5`). The runs are compared on the judged queries they hold; both must hold the same ones. Run queries
-without judgements are left out, as trec_eval leaves them out. Prints wins / ties / losses of A against B, the mean
+without judgements are left out, as trec_eval leaves them out. RUN_A or RUN_B may name several runs of one system
+joined by commas (`a-seed0.trec,a-seed1.trec`: replicates, e.g. training seeds): each query's value is then their
+mean, so the test is on the system averaged over its replicates (which must hold the same judged queries). Prints wins / ties / losses of A against B, the mean
 difference A - B with its confidence interval (t distribution), the paired randomization test p-value and the
 paired t-test; `--json` also writes them, with the command that produced them.
 """
@@ -20,6 +22,8 @@ import shlex
 import sys
 from typing import Sequence
 
+import numpy as np
+
 from o1jax.data.readers import read_qrels
 from o1jax.eval import metrics
 from o1jax.eval.compare import Comparison, check_same_queries, compare
@@ -29,8 +33,8 @@ from o1jax.files import atomic_write_json
 
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m o1jax.eval.compare", description=__doc__.splitlines()[0])
-  p.add_argument("run_a", metavar="RUN_A", help="TREC run file (.gz ok) of system A")
-  p.add_argument("run_b", metavar="RUN_B", help="TREC run file (.gz ok) of system B")
+  p.add_argument("run_a", metavar="RUN_A", help="TREC run file (.gz ok) of system A, or replicates joined by commas")
+  p.add_argument("run_b", metavar="RUN_B", help="TREC run file (.gz ok) of system B, or replicates joined by commas")
   p.add_argument("--qrels", required=True, help="TREC or BEIR qrels file")
   p.add_argument("--measure", default="ndcg@10", help="trec_eval measure (default ndcg@10 = ndcg_cut_10)")
   p.add_argument("--names", default=None, help="'a,b': the two systems' names (default: the file names)")
@@ -51,9 +55,16 @@ def _run_name(path: str) -> str:
   return name
 
 
+def replicates(runs: str) -> list[str]:
+  """The run files RUN names: itself when it is a file, else its comma-separated parts."""
+  return [runs] if os.path.isfile(runs) else runs.split(",")
+
+
 def check_args(args: argparse.Namespace) -> tuple[str, str]:
   """Every option checked before any file is read; returns the two systems' names."""
-  for option, path in (("RUN_A", args.run_a), ("RUN_B", args.run_b), ("--qrels", args.qrels)):
+  named = [(option, path) for option, runs in (("RUN_A", args.run_a), ("RUN_B", args.run_b))
+           for path in replicates(runs)]
+  for option, path in (*named, ("--qrels", args.qrels)):
     if not os.path.isfile(path):
       raise ValueError(f"{option}={path}: {'not a file' if os.path.exists(path) else 'no such file'}")
   try:
@@ -61,7 +72,9 @@ def check_args(args: argparse.Namespace) -> tuple[str, str]:
   except ValueError as e:
     raise ValueError(f"--measure: {e}") from None
   if args.names is None:
-    names = (_run_name(args.run_a), _run_name(args.run_b))
+    names = tuple(_run_name(runs) if len(replicates(runs)) == 1 else
+                  f"mean of {len(replicates(runs))} ({', '.join(map(_run_name, replicates(runs)))})"
+                  for runs in (args.run_a, args.run_b))
     if names[0] == names[1]:
       names = (args.run_a, args.run_b)
   else:
@@ -81,30 +94,37 @@ def check_args(args: argparse.Namespace) -> tuple[str, str]:
 
 def per_query(args: argparse.Namespace, names: tuple[str, str]) -> tuple[dict[str, float], dict[str, float],
                                                                         list[str]]:
-  """Both runs' values of the measure on the judged queries they hold, and notes on the queries left out."""
+  """Both systems' values of the measure on the judged queries their runs hold (each query's mean over a system's
+  replicates), and notes on the queries left out."""
   qrels = read_qrels(args.qrels)
   if not qrels:
     raise ValueError(f"--qrels={args.qrels}: no judgements")
-  runs = []
-  for path, name in zip((args.run_a, args.run_b), names):
-    run = read_run(path, args.order)
-    if not run:
-      raise ValueError(f"{name}: {path} holds no results")
-    runs.append(run)
-  judged = [{q: docs for q, docs in run.items() if q in qrels} for run in runs]
-  check_same_queries(judged[0], judged[1], names)
+  runs = []  # (side, path, run): every replicate of A, then of B
+  for side, runs_arg in enumerate((args.run_a, args.run_b)):
+    for path in replicates(runs_arg):
+      run = read_run(path, args.order)
+      if not run:
+        raise ValueError(f"{names[side]}: {path} holds no results")
+      runs.append((side, path, run))
+  # A run is named by its system's name, or by its file where a system has several.
+  label = lambda side, path: names[side] if len(runs) == 2 else path
+  judged = [{q: docs for q, docs in run.items() if q in qrels} for _, _, run in runs]
+  for (side, path, _), queries in zip(runs[1:], judged[1:]):
+    check_same_queries(judged[0], queries, (label(*runs[0][:2]), label(side, path)))
   if not judged[0]:
     raise ValueError(f"no query of {names[0]} or {names[1]} is judged in {args.qrels}: wrong --qrels?")
   notes = []
-  for run, name in zip(runs, names):
+  for side, path, run in runs:
     if len(run) > len(judged[0]):
-      notes.append(f"{len(run) - len(judged[0])} queries of {name} have no judgements and are left out (as trec_eval "
-                   "does)")
+      notes.append(f"{len(run) - len(judged[0])} queries of {label(side, path)} have no judgements and are left out "
+                   "(as trec_eval does)")
   if len(qrels) > len(judged[0]):
     notes.append(f"{len(qrels) - len(judged[0])} judged queries are in neither run and are left out")
   compared = {q: qrels[q] for q in judged[0]}
   values = [metrics.evaluate_per_query(compared, run, [args.measure])[args.measure] for run in judged]
-  return values[0], values[1], notes
+  systems = [{q: float(np.mean([v[q] for (owner, _, _), v in zip(runs, values) if owner == side])) for q in compared}
+             for side in (0, 1)]
+  return systems[0], systems[1], notes
 
 
 def format_comparison(result: Comparison) -> str:
@@ -143,7 +163,9 @@ def main(argv: Sequence[str]) -> Comparison:
     print(f"note: {note}")
   if args.json is not None:
     # The command as typed, so a report quoting the p-value can say how to reproduce it.
-    payload = {**dataclasses.asdict(result), "runs": [os.path.abspath(args.run_a), os.path.abspath(args.run_b)],
+    payload = {**dataclasses.asdict(result),
+               "runs": [[os.path.abspath(p) for p in replicates(r)] if len(replicates(r)) > 1 else os.path.abspath(r)
+                        for r in (args.run_a, args.run_b)],
                "qrels": os.path.abspath(args.qrels), "notes": notes,
                "command": shlex.join(["python", "-m", "o1jax.eval.compare", *argv])}
     try:
