@@ -478,7 +478,7 @@ def test_committed_lever_runs_are_the_reports_rendering_and_their_table_is_in_th
   alone reused the expert's thoughts, the untrained row and (b), and the README's lever table is what the report
   prints for them."""
   levers = LEVER_TABLES[dataset]
-  runs = {name: report.collect(run) for name, (run, _) in levers.items()}
+  runs = {name: report.collect(run) for name, (run, *_) in levers.items()}
   for name, (run, reused_from, *stages) in list(levers.items())[1:]:
     assert list(runs[name].rows) == ROWS and len(runs[name].comparisons) == 4
     assert (run / "results.md").read_text() == report.render_markdown(runs[name])
@@ -505,6 +505,29 @@ def test_cosqa_seed_replicate_trained_a_anew_beside_the_same_b():
   assert seed0.steps[0]["loss"] != seed1.steps[0]["loss"] and seed0.steps[0]["lr"] == seed1.steps[0]["lr"]
   assert seed0.rows["contrastive-only, no thinking"] == seed1.rows["contrastive-only, no thinking"]
   assert seed0.rows["trained, think=3"] != seed1.rows["trained, think=3"]
+
+
+def test_cosqa_seed_averaged_comparisons_are_of_the_published_runs_and_in_the_readme():
+  """The test fixed before (b)'s second seed ran: (a) thinking and (b), each averaged per query over two seeds (and
+  (a) without thinking beside it). Each side's mean is the mean of its two runs' published nDCG@10, and the README's
+  row quotes the JSON."""
+  levers = COSQA / "levers"
+  ndcg = lambda run, system, folder="trained": json.loads(
+      (levers / run / "eval" / folder / "summary.json").read_text())["metrics"][system]["ndcg@10"]
+  a_think = [ndcg(run, "o1jax think=3") for run in ("bfloat16-w_gen-1", "bfloat16-w_gen-1-seed-1")]
+  a_plain = [ndcg(run, "o1jax no-think") for run in ("bfloat16-w_gen-1", "bfloat16-w_gen-1-seed-1")]
+  b = [ndcg(run, "o1jax no-think", "contrastive-only") for run in ("bfloat16", "bfloat16-w_gen-1-b-seed-1")]
+  readme = (ROOT / "README.md").read_text()
+  for name, other, label in (("think-vs-b", b, "(a) think=3 vs (b)"),
+                             ("think-vs-no-think", a_plain, "(a) think=3 vs (a) no thinking")):
+    result = json.loads((levers / f"w_gen-1-seeds-0-1-{name}.json").read_text())
+    assert result["queries"] == 500 and [len(runs) for runs in result["runs"]] == [2, 2]
+    assert result["mean_a"] == pytest.approx(sum(a_think) / 2, abs=1e-12)
+    assert result["mean_b"] == pytest.approx(sum(other) / 2, abs=1e-12)
+    p = result["randomization_pvalue"]
+    assert (f"| {label} | {result['mean_a']:.4f} | {result['mean_b']:.4f} | {result['mean_difference']:+.4f} "
+            f"({result['ci_low']:+.4f} to {result['ci_high']:+.4f}) | {result['wins']} / {result['ties']} / "
+            f"{result['losses']} | {f'{p:.4f}' if p >= 1e-4 else '< 0.0001'} |") in readme
 
 
 def test_every_scifact_lever_trained_the_same_contrastive_only_model():
