@@ -8,9 +8,10 @@ that `python -m o1jax.eval` knows (`ndcg@10`, `mrr@10`, `recall@100`, or a trec_
 `map`, `P_5`). The runs are compared on the judged queries they hold; both must hold the same ones. Run queries
 without judgements are left out, as trec_eval leaves them out. RUN_A or RUN_B may name several runs of one system
 joined by commas (`a-seed0.trec,a-seed1.trec`: replicates, e.g. training seeds): each query's value is then their
-mean, so the test is on the system averaged over its replicates (which must hold the same judged queries). Prints wins / ties / losses of A against B, the mean
-difference A - B with its confidence interval (t distribution), the paired randomization test p-value and the
-paired t-test; `--json` also writes them, with the command that produced them.
+mean, so the test is on the system averaged over its replicates (which must hold the same judged queries). Prints
+wins / ties / losses of A against B, the mean difference A - B with its confidence interval (t distribution), the
+paired randomization test p-value and the paired t-test; `--json` also writes them, with the command that produced
+them.
 """
 from __future__ import annotations
 
