@@ -120,7 +120,8 @@ def test_one_compile_per_bucket():
   gen.generate([[1, 2, 3]] * 3, max_new_tokens=4)  # batch bucket 4: one more
   assert generate_padded._cache_size() == before + 2
   assert bucket(3) == 4 and bucket(9, 16) == 16 and bucket(17, 16) == 32
-  assert [length_bucket(n) for n in (1, 16, 17, 24, 25, 38, 48, 49, 65, 97)] == [16, 16, 24, 24, 32, 48, 48, 64, 96, 128]
+  lengths = (1, 16, 17, 24, 25, 38, 48, 49, 65, 97)
+  assert [length_bucket(n) for n in lengths] == [16, 16, 24, 24, 32, 48, 48, 64, 96, 128]
 
 
 def test_cache_slots_grow_to_the_prompt_and_every_token_fed_back():
