@@ -65,7 +65,8 @@ def length_bucket(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
   """The smallest power of two or 1.5 times one that is >= max(n, minimum): a prompt pads by at most a third, not
   (as with powers of two alone) nearly double, for at most twice as many shapes to compile."""
   power = bucket(n, minimum)
-  return power * 3 // 4 if power >= 4 and power * 3 // 4 >= max(n, minimum) else power
+  three_quarters = power * 3 // 4
+  return three_quarters if three_quarters >= max(n, minimum) else power
 
 
 def cache_slots(prompt_len: int, max_new_tokens: int, growth: int | None = None) -> tuple[int, ...]:
