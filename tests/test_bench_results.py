@@ -140,6 +140,14 @@ def test_a_suite_judges_every_workload_by_the_load_before_its_first():
   assert any("before the run" in reason for reason in result["reasons"])
 
 
+def test_the_written_machine_says_its_load_was_read_after_the_run(tmp_path):
+  # Written with the JSON, the machine's load holds the run's own work: named so, not mistaken for `load_before`.
+  protocol.write_json(str(tmp_path / "r.json"), "s", {"load_before": 0.25})
+  report = json.loads((tmp_path / "r.json").read_text())
+  assert report["suite"] == "s" and report["load_before"] == 0.25
+  assert "load_average_1m" not in report["machine"] and report["machine"]["load_average_1m_when_written"] >= 0
+
+
 def test_a_dead_worker_is_one_error():
   with pytest.raises(RuntimeError, match="the broken worker exited with status 3"):
     protocol.compare((_side("fine", 0.01), _side("broken", -1)), rounds=1, pause=0)

@@ -106,9 +106,11 @@ def load_average() -> float | None:
 
 
 def machine() -> dict:
+  """The machine as the JSON is written, after the run: its load then holds the run's own work (a comparison's
+  `load_before` and each round's load are the ones its verdict reads)."""
   return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(), "os": platform.platform(),
-          "load_average_1m": load_average(), "versions": versions(), "git_commit": git_commit()}
+          "load_average_1m_when_written": load_average(), "versions": versions(), "git_commit": git_commit()}
 
 
 def _busy_ticks() -> int | None:
