@@ -512,11 +512,10 @@ def test_cosqa_seed_averaged_comparisons_are_of_the_published_runs_and_in_the_re
   (a) without thinking beside it). Each side's mean is the mean of its two runs' published nDCG@10, and the README's
   row quotes the JSON."""
   levers = COSQA / "levers"
-  ndcg = lambda run, system, folder="trained": json.loads(
-      (levers / run / "eval" / folder / "summary.json").read_text())["metrics"][system]["ndcg@10"]
-  a_think = [ndcg(run, "o1jax think=3") for run in ("bfloat16-w_gen-1", "bfloat16-w_gen-1-seed-1")]
-  a_plain = [ndcg(run, "o1jax no-think") for run in ("bfloat16-w_gen-1", "bfloat16-w_gen-1-seed-1")]
-  b = [ndcg(run, "o1jax no-think", "contrastive-only") for run in ("bfloat16", "bfloat16-w_gen-1-b-seed-1")]
+  ndcg = lambda run, row: report.collect(levers / run).rows[row]["ndcg@10"]
+  a_think = [ndcg(run, "trained, think=3") for run in ("bfloat16-w_gen-1", "bfloat16-w_gen-1-seed-1")]
+  a_plain = [ndcg(run, "trained, no thinking") for run in ("bfloat16-w_gen-1", "bfloat16-w_gen-1-seed-1")]
+  b = [ndcg(run, "contrastive-only, no thinking") for run in ("bfloat16", "bfloat16-w_gen-1-b-seed-1")]
   readme = (ROOT / "README.md").read_text()
   for name, other, label in (("think-vs-b", b, "(a) think=3 vs (b)"),
                              ("think-vs-no-think", a_plain, "(a) think=3 vs (a) no thinking")):
